@@ -1,0 +1,104 @@
+"""The failures a user can act on.
+
+Each error carries the fix in its message; ``cli.py`` prints it on one line and exits with ``exit_code``.
+Exit codes: 0 success, 1 a job failed, 2 bad input or an unmet precondition, 3 a job was stopped,
+4 a wait timed out, 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_JOB_STOPPED = 3
+EXIT_TIMEOUT = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class HpcrayError(Exception):
+    """Base of every error a user can fix; the message says what to do."""
+
+    exit_code = EXIT_USAGE
+
+
+class ProfileError(HpcrayError):
+    """A profile file is malformed, has an unknown key, a wrong type or a missing value."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file, self.key, self.problem = file, key, problem
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__(where + problem)
+
+
+class TemplateError(HpcrayError):
+    """A values template refers to something the profile does not define, or is not valid Jinja."""
+
+
+class ValuesError(HpcrayError):
+    """The rendered RayCluster would be wrong: CRD schema violation or an interLink misconfiguration."""
+
+
+class ChartError(HpcrayError):
+    """The KubeRay chart cannot be found or fetched."""
+
+
+class ToolMissing(HpcrayError):
+    """An external program hpcray needs (helm, sbatch, singularity) is not installed or is unsupported."""
+
+
+class HelmError(HpcrayError):
+    """helm failed; the message is helm's stderr reduced to one actionable line."""
+
+
+class KubeError(HpcrayError):
+    """The Kubernetes API is unreachable, refuses us, or lacks the namespace/context asked for."""
+
+
+class ClusterNotReady(HpcrayError):
+    """The Ray cluster did not become ready within --timeout; the message carries the diagnosis."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class ClusterError(HpcrayError):
+    """The Ray cluster is not there or cannot be reached (no head, head died, dashboard unreachable)."""
+
+
+class RayVersionError(HpcrayError):
+    """The cluster's Ray major version differs from the client's."""
+
+
+class JobNotFound(HpcrayError):
+    """No job with the given submission id exists on the cluster."""
+
+
+class WorkingDirTooLarge(HpcrayError):
+    """The working dir exceeds Ray's upload limit; reported before uploading."""
+
+
+class TrackingError(HpcrayError):
+    """MLflow preflight failed: server down, credentials rejected, or experiment not writable."""
+
+
+class CredentialsError(HpcrayError):
+    """MLflow credentials are missing, or their file is readable by others."""
+
+
+class SlurmError(HpcrayError):
+    """sbatch/scontrol failed or a SLURM job ended badly; the message carries the job's error output."""
+
+
+class ImageError(HpcrayError):
+    """The SIF image is missing or its pull failed."""
+
+
+class Interrupted(HpcrayError):
+    """hpcray was interrupted by a signal after cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; cleaned up")
