@@ -1,0 +1,65 @@
+# hpcray — every target works from a fresh clone: `make demo` (main job, local Ray + MLflow), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROFILE ?= local
+JOB ?= training
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test render up submit down run status pull sif docs bench bench-gpu clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/hpcray: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# helm for users: beside the venv's python when none is on PATH. Tests use both majors from .tools/.
+$(BIN)/helm: | $(BIN)/hpcray
+	@if command -v helm >/dev/null 2>&1; then ln -sf "$$(command -v helm)" $@; \
+	 else $(BIN)/python tools/get_helm.py .tools/helm3 3 && ln -sf "$$PWD/.tools/helm3/helm" $@; fi
+
+.tools/helm3/helm .tools/helm4/helm: | $(BIN)/hpcray
+	$(BIN)/python tools/get_helm.py $(@D) $(subst helm,,$(notdir $(@D)))
+
+install: $(BIN)/hpcray $(BIN)/helm  ## create .venv with hpcray and its dependencies, and a real helm
+
+demo: install  ## render both example profiles (becomes the local training + HPO run once `hpcray run` lands)
+	$(BIN)/hpcray render --profile local
+	$(BIN)/hpcray render --profile vega
+
+test: install .tools/helm3/helm .tools/helm4/helm  ## the test suite (real Ray, MLflow, helm 3+4, SLURM where installed)
+	HPCRAY_HELM3=$$PWD/.tools/helm3/helm HPCRAY_HELM4=$$PWD/.tools/helm4/helm $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+render: install  ## print the Helm values of PROFILE
+	$(BIN)/hpcray render --profile $(PROFILE)
+
+up: install  ## bring up PROFILE's cluster
+	$(BIN)/hpcray up --profile $(PROFILE)
+
+submit: install  ## submit JOB to PROFILE's cluster and follow it
+	$(BIN)/hpcray submit --profile $(PROFILE) $(JOB)
+
+down: install  ## tear down PROFILE's cluster
+	$(BIN)/hpcray down --profile $(PROFILE)
+
+run: install  ## up → JOB → down for PROFILE
+	$(BIN)/hpcray run --profile $(PROFILE) $(JOB)
+
+status: install  ## clusters made by hpcray
+	$(BIN)/hpcray status --all
+
+pull: install  ## pull PROFILE's SIF image on the SLURM side
+	$(BIN)/hpcray pull --profile $(PROFILE) --slurm
+
+docs: install  ## regenerate docs/profile.md from the profile schema
+	$(BIN)/hpcray profile --schema > docs/profile.md
+
+clean:  ## remove the venv and downloaded tools
+	rm -rf $(VENV) .tools

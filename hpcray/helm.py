@@ -1,0 +1,190 @@
+"""The only place that runs helm: argument lists (never a shell string), Helm 3 and 4, stderr → one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hpcray.errors import ChartError, HelmError, ToolMissing
+from hpcray.profile import REPO_ROOT, ChartSpec, Profile
+
+SUPPORTED_MAJORS = (3, 4)
+
+
+@dataclass(frozen=True)
+class Helm:
+    path: str
+    version: str  # e.g. "3.18.0"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def rollback_flag(self) -> str:
+        """Helm 4 renamed --atomic."""
+        return "--rollback-on-failure" if self.major >= 4 else "--atomic"
+
+
+def find_helm() -> Helm:
+    """$HPCRAY_HELM, else helm on PATH, else the one `make install` put beside this Python."""
+    candidates = [os.environ.get("HPCRAY_HELM"), shutil.which("helm"),
+                  str(Path(sys.executable).parent / "helm"), str(REPO_ROOT / ".tools" / "helm3" / "helm")]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return _probe(c)
+    raise ToolMissing("helm not found; install it with `make install` (or put helm 3/4 on PATH, or set HPCRAY_HELM)")
+
+
+@lru_cache(maxsize=8)
+def _probe(path: str) -> Helm:
+    try:
+        out = subprocess.run([path, "version", "--short"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise ToolMissing(f"{path} cannot run ({exc.strerror}); reinstall helm with `make install`") from None
+    m = re.match(r"v?(\d+\.\d+\.\d+)", out.stdout.strip())
+    if not m:
+        raise ToolMissing(f"{path} did not report a version ({out.stderr.strip()[:120]}); is it really helm?")
+    helm = Helm(path, m.group(1))
+    if helm.major not in SUPPORTED_MAJORS:
+        raise ToolMissing(f"{path} is helm {helm.version}; hpcray supports helm 3 and 4 — install one with "
+                          "`make install` or set HPCRAY_HELM")
+    return helm
+
+
+def kube_args(p: Profile) -> list[str]:
+    args = ["--namespace", p.kubernetes.namespace]
+    if p.kubernetes.context:
+        args += ["--kube-context", p.kubernetes.context]
+    if p.kubernetes.kubeconfig:
+        args += ["--kubeconfig", str(p.resolve_path(p.kubernetes.kubeconfig))]
+    return args
+
+
+def run(helm: Helm, args: list[str], *, stdin: str | None = None, timeout: float | None = None,
+        what: str = "helm") -> subprocess.CompletedProcess[str]:
+    """Run helm; on failure raise HelmError with stderr reduced to one actionable line."""
+    env = {**os.environ, "HELM_NO_PLUGINS": "1"}
+    try:
+        done = subprocess.run([helm.path, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        raise HelmError(f"{what}: helm did not finish within {timeout:.0f}s; check the cluster is reachable") from None
+    if done.returncode != 0:
+        raise HelmError(f"{what}: {explain(done.stderr)}")
+    return done
+
+
+_EXPLANATIONS: list[tuple[str, str]] = [
+    (r"Kubernetes cluster unreachable",
+     "the Kubernetes cluster is unreachable; check kubernetes.context / kubeconfig and that the API server is up"),
+    (r"(?:dial tcp|lookup) ([^\s:]+)[^\n]*(?:connection refused|no such host|i/o timeout|network is unreachable)",
+     "cannot reach {0} (network error); check the address and your connection"),
+    (r'context "([^"]+)" does not exist',
+     "kube context '{0}' is not in your kubeconfig; fix kubernetes.context (see `kubectl config get-contexts`)"),
+    (r'namespaces "([^"]+)" not found',
+     "namespace '{0}' does not exist; create it (`kubectl create namespace {0}`) or fix kubernetes.namespace"),
+    (r"another operation \(install/upgrade/rollback\) is in progress",
+     "the release is locked by another helm operation (or one that was killed); wait, or run `hpcray up` again "
+     "to recover it"),
+    (r"has no deployed releases",
+     "the release exists only in a failed state; `hpcray up` recovers it, or `hpcray down` removes it"),
+    (r"chart \"([^\"]+)\" version \"([^\"]+)\" not found|no chart version found for ([^\s]+)",
+     "chart version not found in the repository; fix chart.version (see `helm search repo kuberay --versions`)"),
+    (r"forbidden|Unauthorized|is forbidden",
+     "the Kubernetes API refused us (no permission); check your credentials and RBAC in namespace"),
+    (r"release: not found|release not found", "no such release"),
+]
+
+
+def explain(stderr: str) -> str:
+    text = stderr.strip()
+    for pattern, message in _EXPLANATIONS:
+        m = re.search(pattern, text)
+        if m:
+            groups = [g for g in m.groups() if g]
+            return message.format(*groups) if groups else message
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else "helm failed without a message"
+    return re.sub(r"^Error:\s*", "", last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Charts: a local .tgz, one in $HPCRAY_CHARTS_DIR or the cache, else `helm pull` from the repository
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "hpcray" / "charts"
+
+
+def _chart_dirs() -> list[Path]:
+    dirs = [Path(d) for d in os.environ.get("HPCRAY_CHARTS_DIR", "").split(os.pathsep) if d]
+    return dirs + [cache_dir()]
+
+
+def resolve_chart(helm: Helm | None, p: Profile, name: str | None = None) -> Path:
+    """A local packaged chart for the profile (the ray-cluster chart, or `name` such as kuberay-operator)."""
+    spec: ChartSpec = p.chart
+    if p.chart.path and name is None:
+        return p.resolve_path(p.chart.path)
+    chart = name or spec.name
+    filename = f"{chart}-{spec.version}.tgz"
+    for d in _chart_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    if helm is None:
+        helm = find_helm()
+    dest = cache_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        run(helm, ["pull", chart, "--repo", spec.repo, "--version", spec.version, "--destination", str(dest)],
+            timeout=120, what=f"helm pull {chart} {spec.version}")
+    except HelmError as exc:
+        raise ChartError(f"chart {chart} {spec.version} is not available locally and could not be pulled from "
+                         f"{spec.repo} ({exc}); set chart.path to a .tgz or HPCRAY_CHARTS_DIR to a folder of "
+                         "charts") from None
+    return dest / filename
+
+
+def template(helm: Helm, p: Profile, values_yaml: str) -> str:
+    """`helm template` of the profile's chart with the given values (passed on stdin, never written to disk)."""
+    chart = resolve_chart(helm, p)
+    args = ["template", p.release, str(chart), "--namespace", p.kubernetes.namespace, "--values", "-"]
+    return run(helm, args, stdin=values_yaml, timeout=60, what="helm template").stdout
+
+
+def raycluster_crd_schema(helm: Helm | None, p: Profile) -> dict[str, Any] | None:
+    """The RayCluster openAPIV3Schema for the chart's KubeRay version: from $HPCRAY_CRD_DIR, a crds/ folder beside
+    the charts, or the kuberay-operator chart of the same version. None when none can be had."""
+    import yaml
+
+    version = p.chart.version
+    names = [f"ray.io_rayclusters-{version}.yaml"]
+    dirs = [Path(d) for d in os.environ.get("HPCRAY_CRD_DIR", "").split(os.pathsep) if d]
+    dirs += [d / "crds" for d in _chart_dirs()]
+    text = next(((d / n).read_text() for d in dirs for n in names if (d / n).is_file()), None)
+    if text is None:
+        try:
+            operator = resolve_chart(helm, p, name="kuberay-operator")
+        except (ChartError, ToolMissing):
+            return None
+        with tarfile.open(operator) as tar:
+            member = tar.extractfile("kuberay-operator/crds/ray.io_rayclusters.yaml")
+            if member is None:
+                return None
+            text = member.read().decode()
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 0.8 MB: C loader is 10x faster
+    for v in crd["spec"]["versions"]:
+        if v["name"] == "v1":
+            return v["schema"]["openAPIV3Schema"]
+    return None

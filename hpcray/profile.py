@@ -1,0 +1,618 @@
+"""The cluster profile: one YAML file per cluster, validated into typed dataclasses.
+
+The dataclasses below are the schema: field types drive validation, field metadata (``doc``, ``example``) drives
+``hpcray profile --schema`` and docs/profile.md. Every error names the file, the line and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from hpcray.errors import ProfileError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = REPO_ROOT / "values" / "profiles"
+DEFAULT_TEMPLATE = REPO_ROOT / "values" / "raycluster.yaml.j2"
+KUBERAY_REPO = "https://ray-project.github.io/kuberay-helm/"
+
+
+def opt(default: Any = None, doc: str = "", example: Any = None, *, factory: Any = None) -> Any:
+    meta = {"doc": doc, "example": example}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChartSpec:
+    """The KubeRay ray-cluster Helm chart the release is made from."""
+
+    repo: str = opt(KUBERAY_REPO, "Helm repository URL of the chart.")
+    name: str = opt("ray-cluster", "Chart name in the repository.")
+    version: str = opt("1.2.2", "Chart version (KubeRay release).", "1.7.0")
+    path: str | None = opt(None, "A local packaged chart (.tgz); when set, repo and name are not used.",
+                           "/opt/charts/ray-cluster-1.2.2.tgz")
+
+
+@dataclass
+class ImageSpec:
+    """The Ray image. On Kubernetes through interLink it is a Singularity (SIF) file on the SLURM side."""
+
+    dir: str | None = opt(None, "Absolute directory of the SIF file on the SLURM machine.",
+                          "/ceph/hpc/data/st2301-itwin-users/${USER}")
+    name: str = opt("ray", "Image name; the file is `<dir>/<name>:<tag>`.", "hython")
+    tag: str = opt("sif", "Image tag; the chart renders `image: <dir>/<name>:<tag>`.")
+    source: str | None = opt(None, "Where `hpcray pull` gets the image from.",
+                             "docker://ghcr.io/intertwin-eu/hython-itwinai-plugin:latest")
+    pull_policy: Literal["IfNotPresent", "Always", "Never"] = opt("IfNotPresent", "Kubernetes imagePullPolicy.")
+    ray_version: str | None = opt(None, "Ray version inside the image, checked against the client's Ray.", "2.60.0")
+
+    @property
+    def sif_path(self) -> str:
+        return f"{(self.dir or '').rstrip('/')}/{self.name}:{self.tag}"
+
+
+@dataclass
+class VolumeSpec:
+    """A data volume mounted into every Ray container: a network share (hostPath) or a PVC."""
+
+    name: str = opt(None, "Volume name (a DNS label).", "data")
+    mount_path: str = opt(None, "Where the volume appears in the containers.", "/data")
+    host_path: str | None = opt(None, "A path on the node (e.g. a network share).", "/ceph/hpc/data")
+    pvc: str | None = opt(None, "A PersistentVolumeClaim name.", "training-data")
+    read_only: bool = opt(False, "Mount read-only.")
+
+
+@dataclass
+class HeadSpec:
+    """The Ray head pod."""
+
+    cpu: str | None = opt(None, "CPU limit and request (Kubernetes quantity).", "8")
+    memory: str | None = opt(None, "Memory limit and request (Kubernetes quantity).", "32G")
+    gpus: int = opt(0, "GPUs (nvidia.com/gpu limit, Ray num-gpus, SLURM --gres=gpu:N).", 1)
+    ray_start_params: dict[str, str] = opt(doc="Extra `ray start` parameters.", example={"num-cpus": "8"},
+                                           factory=dict)
+    env: dict[str, str] = opt(doc="Extra environment variables of the Ray container.",
+                              example={"HYDRA_FULL_ERROR": "1"}, factory=dict)
+    slurm_flags: list[str] = opt(doc="Extra sbatch flags for this pod only.", example=["--exclusive"],
+                                 factory=list)
+
+
+@dataclass
+class WorkerGroupSpec(HeadSpec):
+    """A group of identical Ray worker pods."""
+
+    replicas: int = opt(1, "Number of worker pods.", 2)
+    min_replicas: int | None = opt(None, "Autoscaler lower bound (default: replicas).")
+    max_replicas: int | None = opt(None, "Autoscaler upper bound (default: replicas).")
+
+
+@dataclass
+class SlurmSpec:
+    """sbatch flags interLink's SLURM plugin puts in each pod's batch script (`slurm-job.vk.io/flags`)."""
+
+    partition: str | None = opt(None, "SLURM partition (-p).", "gpu")
+    time: str | None = opt(None, "Wall-time limit (--time).", "04:00:00")
+    account: str | None = opt(None, "Account to charge (--account).", "s24r05-03-users")
+    qos: str | None = opt(None, "Quality of service (--qos).")
+    extra_flags: list[str] = opt(doc="Any other sbatch flags; CPUs and memory come from the pod limits.",
+                                 example=["--nodes=1"], factory=list)
+
+
+@dataclass
+class SingularitySpec:
+    """How the SLURM plugin runs the container."""
+
+    options: list[str] = opt(doc="singularity options (`slurm-job.vk.io/singularity-options`).",
+                             example=["--no-home", "--nv"], factory=list)
+    mounts: list[str] = opt(doc="Bind mounts `SRC:DST[:ro]` (`slurm-job.vk.io/singularity-mounts`).",
+                            example=["/ceph/hpc/data/st2301-itwin-users:/data"], factory=list)
+
+
+@dataclass
+class InterlinkSpec:
+    """Offload of the Ray pods to a SLURM machine through interLink's virtual kubelet."""
+
+    enabled: bool = opt(False, "Schedule the Ray pods on the interLink virtual node.")
+    node: str | None = opt(None, "Name of the virtual node.", "vega-new-vk")
+    node_selector_key: str = opt("kubernetes.io/hostname", "Label that selects the virtual node.")
+    tolerations: list[dict[str, str]] = opt(
+        doc="Tolerations besides `virtual-node.interlink/no-schedule`, which is always added.",
+        example=[{"key": "site", "operator": "Equal", "value": "vega", "effect": "NoSchedule"}], factory=list)
+    slurm: SlurmSpec = opt(doc="sbatch flags.", factory=SlurmSpec)
+    singularity: SingularitySpec = opt(doc="Singularity options and mounts.", factory=SingularitySpec)
+    pre_exec: str | None = opt(None, "Shell run in the batch script before the container (`slurm-job.vk.io/pre-exec`).",
+                               "module load CUDA")
+    pod_vpn: bool = opt(True, "Give each pod a cluster IP over interLink's VPN (`interlink.eu/pod-vpn`); Ray nodes "
+                              "then advertise `$POD_IP`.")
+
+
+@dataclass
+class MlflowSpec:
+    """Where jobs log, and where their credentials come from (never the credentials themselves)."""
+
+    tracking_uri: str | None = opt(None, "MLflow tracking server (or sqlite:/// store for local runs).",
+                                   "https://mlflow.intertwin.fedcloud.eu")
+    experiment: str = opt("hpcray", "Experiment the jobs log to.", "hython-hpo")
+    credentials: Literal["env", "file", "stdin", "none"] = opt(
+        "env", "Where the username/password come from: MLFLOW_TRACKING_USERNAME/PASSWORD, a 0600 file, or stdin.")
+    credentials_file: str | None = opt(None, "File with `username=` and `password=` lines (mode 0600).",
+                                       "~/.config/hpcray/mlflow.cred")
+    deliver: Literal["secret", "runtime_env"] = opt(
+        "secret", "How credentials reach Ray processes: a Kubernetes Secret / the local head's environment, or "
+                  "(opt-in, readable by anyone who reaches the dashboard) the job's runtime_env.")
+
+
+@dataclass
+class ItwinaiSpec:
+    """An itwinai pipeline run: `itwinai exec-pipeline --config-name NAME +pipe_key=KEY`."""
+
+    config_name: str = opt("config", "Hydra config name.", "config")
+    config_path: str | None = opt(None, "Hydra config directory (--config-path).", ".")
+    pipe_key: str = opt("training", "Pipeline key in the config.", "hpo")
+    overrides: list[str] = opt(doc="Extra Hydra overrides.", example=["epochs=5"], factory=list)
+
+
+@dataclass
+class JobSpec:
+    """A named job (`hpcray submit training`)."""
+
+    entrypoint: str | None = opt(None, "Shell command run on the head (exclusive with itwinai).",
+                                 "python train.py --epochs 20")
+    itwinai: ItwinaiSpec | None = opt(None, "Build the entrypoint for an itwinai pipeline.")
+    working_dir: str | None = opt(None, "Directory uploaded with the job (relative to the profile file).",
+                                  "../../examples")
+    requirements: str | None = opt(None, "pip requirements file installed for the job.", "requirements.txt")
+    pip: list[str] = opt(doc="pip packages installed for the job.", example=["scikit-learn"], factory=list)
+    wheels: list[str] = opt(doc="Wheel files shipped in the working dir and installed for the job.",
+                            example=["dist/mypkg-0.1-py3-none-any.whl"], factory=list)
+    env: dict[str, str] = opt(doc="Environment variables of the job (not for secrets).", example={"EPOCHS": "5"},
+                              factory=dict)
+    num_cpus: float | None = opt(None, "CPUs reserved for the entrypoint.")
+    num_gpus: float | None = opt(None, "GPUs reserved for the entrypoint.", 1)
+    runtime_env: dict[str, Any] = opt(doc="Any other Ray runtime_env fields.", example={"excludes": ["*.ckpt"]},
+                                      factory=dict)
+
+
+@dataclass
+class KubernetesSpec:
+    """Where the release goes."""
+
+    context: str | None = opt(None, "kube context (default: the kubeconfig's current one).", "grnet")
+    namespace: str = opt("default", "Namespace of the release.", "ray-${USER}")
+    kubeconfig: str | None = opt(None, "kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+
+
+@dataclass
+class LocalSpec:
+    """The embedded default: a Ray head on this machine."""
+
+    num_cpus: int | None = opt(None, "CPUs Ray may use (default: all).", 2)
+    num_gpus: int | None = opt(None, "GPUs Ray may use (default: detected).", 1)
+    mlflow_server: bool = opt(False, "Start a local `mlflow server` with the cluster and log there.")
+    dashboard_port: int = opt(0, "Dashboard port (0: a free one).")
+
+
+@dataclass
+class Profile:
+    """One Ray cluster and the jobs run on it."""
+
+    name: str = opt(None, "Cluster name: the Helm release name, or the local head's name.", "hython")
+    backend: Literal["kuberay", "local"] = opt("kuberay", "Where the cluster lives.")
+    kubernetes: KubernetesSpec = opt(doc="Kubernetes placement.", factory=KubernetesSpec)
+    chart: ChartSpec = opt(doc="The KubeRay chart.", factory=ChartSpec)
+    image: ImageSpec = opt(doc="The Ray image (a SIF file on HPC).", factory=ImageSpec)
+    head: HeadSpec = opt(doc="The Ray head.", factory=HeadSpec)
+    workers: dict[str, WorkerGroupSpec] = opt(doc="Worker groups by name.",
+                                              example={"gpu": {"replicas": 2, "gpus": 1}}, factory=dict)
+    volumes: list[VolumeSpec] = opt(doc="Data volumes mounted in every Ray container.", factory=list)
+    interlink: InterlinkSpec = opt(doc="interLink offload to SLURM.", factory=InterlinkSpec)
+    mlflow: MlflowSpec = opt(doc="MLflow tracking.", factory=MlflowSpec)
+    jobs: dict[str, JobSpec] = opt(doc="Named jobs.", factory=dict)
+    local: LocalSpec = opt(doc="Local backend settings.", factory=LocalSpec)
+    template: str | None = opt(None, "Jinja template of the Helm values (relative to the profile file).",
+                               "my-values.yaml.j2")
+    values: dict[str, Any] = opt(doc="Raw Helm values merged over the rendered ones (escape hatch).",
+                                 example={"service": {"type": "NodePort"}}, factory=dict)
+    ttl: str | None = opt(None, "Default lifetime of a cluster; `hpcray gc` removes expired ones.", "6h")
+    timeout: str = opt("2h", "How long `up` waits for the cluster to be ready (HPC queues are slow).", "30m")
+
+    # Where the profile came from, and the line of each dotted key in it; not YAML keys.
+    source: Path = field(default=Path("<profile>"), metadata={"internal": True})
+    key_lines: dict[str, int] = field(default_factory=dict, metadata={"internal": True}, repr=False)
+
+    @property
+    def release(self) -> str:
+        return self.name
+
+    @property
+    def raycluster_name(self) -> str:
+        """The RayCluster the chart creates: the release name plus the chart's default nameOverride."""
+        return self.name if "kuberay" in self.name else f"{self.name}-kuberay"
+
+    @property
+    def secret_name(self) -> str:
+        return f"{self.name}-hpcray-mlflow"
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the profile, relative to the profile file's directory."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _LineMap(dict):  # type: ignore[type-arg]
+    """A mapping that remembers the line of each key in the YAML file."""
+
+    lines: dict[str, int]
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any) -> _LineMap:
+        loader.flatten_mapping(node)
+        result = _LineMap()
+        result.lines = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in result:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            result[key] = loader.construct_object(value_node, deep=True)
+            result.lines[str(key)] = key_node.start_mark.line + 1
+        return result
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def resolve_profile_path(ref: str | os.PathLike[str] | None) -> Path:
+    """A profile given as a path, or as a name in values/profiles/ (`local`, `vega`)."""
+    if ref is None:
+        ref = os.environ.get("HPCRAY_PROFILE") or "local"
+    path = Path(os.path.expanduser(str(ref)))
+    if path.suffix in (".yaml", ".yml") or os.sep in str(ref):
+        if not path.is_file():
+            raise ProfileError(str(ref), "", "no such profile file; pass a path to a YAML profile or a name from "
+                                             f"{PROFILES_DIR}")
+        return path
+    for candidate in (PROFILES_DIR / f"{ref}.yaml", PROFILES_DIR / f"{ref}.yml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in PROFILES_DIR.glob("*.y*ml"))
+    hint = difflib.get_close_matches(str(ref), known, n=1)
+    did = f"did you mean '{hint[0]}'? " if hint else ""
+    raise ProfileError(str(ref), "", f"no such profile; {did}known profiles: {', '.join(known) or 'none'}")
+
+
+def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Profile:
+    """Read, expand `${VAR}` references in, and validate a profile. Raises ProfileError naming file:line: key."""
+    import yaml
+
+    path = resolve_profile_path(ref)
+    shown = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(shown, "", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(where, "", f"malformed YAML: {problem}; fix the syntax there") from None
+    if not isinstance(data, dict):
+        raise ProfileError(shown, "", "a profile is a YAML mapping of keys (name, backend, head, …)")
+    converter = _Converter(shown, os.environ if env is None else env)
+    profile = converter.build(Profile, data, "")
+    profile.source = path.resolve()
+    profile.key_lines = converter.lines
+    check_profile(profile)
+    return profile
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Converter:
+    """Turns parsed YAML into the dataclasses, raising ProfileError with file:line: key on the first problem."""
+
+    def __init__(self, file: str, env: typing.Mapping[str, str]) -> None:
+        self.file, self.env = file, env
+        self.lines: dict[str, int] = {}
+
+    def fail(self, key: str, problem: str) -> typing.NoReturn:
+        line = self.lines.get(key)
+        raise ProfileError(f"{self.file}:{line}" if line else self.file, key or "(top level)", problem)
+
+    def build(self, cls: type, data: Any, path: str) -> Any:
+        if not isinstance(data, dict):
+            self.fail(path, f"expected a mapping of {cls.__name__} keys, got {_kind(data)}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        for key in data:
+            self.lines[_join(path, str(key))] = getattr(data, "lines", {}).get(str(key), 0)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            key_path = _join(path, str(key))
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
+                self.fail(key_path, f"unknown key; {hint}")
+            kwargs[key] = self.convert(value, hints[key], key_path)
+        for name, f in known.items():
+            if name not in kwargs and f.default is None and f.default_factory is dataclasses.MISSING \
+                    and not _optional(hints[name]):
+                self.fail(_join(path, name), f"required: {f.metadata.get('doc', '')} e.g. "
+                                             f"{name}: {f.metadata.get('example')!r}")
+        return cls(**kwargs)
+
+    def convert(self, value: Any, tp: Any, path: str) -> Any:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.convert(value, inner[0], path) if len(inner) == 1 else value
+        if value is None:
+            self.fail(path, f"has no value; give {_describe(tp)} or remove the key")
+        if origin is Literal:
+            if value not in args:
+                close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.fail(path, f"{value!r} is not one of {', '.join(map(str, args))}{hint}")
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, path)
+        if origin is list:
+            if not isinstance(value, list):
+                self.fail(path, f"expected a list of {_describe(args[0])}, got {_kind(value)}")
+            return [self.convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.fail(path, f"expected a mapping, got {_kind(value)}")
+            for k in value:
+                self.lines[_join(path, str(k))] = getattr(value, "lines", {}).get(str(k), 0)
+            return {str(k): self.convert(v, args[1], _join(path, str(k))) for k, v in value.items()}
+        if tp is Any:
+            return self.expand_all(value, path)
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.fail(path, f"expected true or false, got {_kind(value)}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(path, f"expected a whole number, got {_kind(value)}")
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.fail(path, f"expected a number, got {_kind(value)}")
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)) or isinstance(value, bool):
+                self.fail(path, f"expected a string, got {_kind(value)}")
+            return self.expand(str(value), path)
+        raise TypeError(f"profile schema uses an unsupported type {tp!r}")  # a bug in this module, not user input
+
+    def expand(self, text: str, path: str) -> str:
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env and self.env[name] != "":
+                return self.env[name]
+            if default is not None:
+                return default
+            self.fail(path, f"${{{name}}} is not set; export {name}=… or write the value (or ${{{name}:-default}})")
+
+        return _ENV_REF.sub(sub, text)
+
+    def expand_all(self, value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return self.expand(value, path)
+        if isinstance(value, list):
+            return [self.expand_all(v, path) for v in value]
+        if isinstance(value, dict):
+            return {k: self.expand_all(v, path) for k, v in value.items()}
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(value, list) else "a list"
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {str: "a string", int: "a whole number", float: "a number", bool: "true/false"}.get(tp, "a value")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that span keys (the chart has no values.schema.json, so helm would accept all of these silently)
+# ---------------------------------------------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION = re.compile(r"^(\d+(\.\d+)?)(s|m|h|d)$")
+_SLURM_RESOURCE_FLAGS = ("--cpus-per-task", "-c", "--mem", "--mem-per-cpu", "--mem-per-gpu")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '6h', '2d' → seconds; ValueError otherwise."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+
+
+def check_profile(p: Profile) -> None:
+    def fail(key: str, problem: str) -> typing.NoReturn:
+        line = p.key_lines.get(key) or p.key_lines.get(key.split("[")[0])
+        raise ProfileError(f"{p.source}:{line}" if line else str(p.source), key, problem)
+
+    if not _DNS_LABEL.match(p.name) or len(p.name) > 40:
+        fail("name", f"{p.name!r} must be a lowercase DNS label of at most 40 characters (a-z, 0-9, '-'), "
+                     "because it names the Helm release and its pods")
+    for key, value in (("ttl", p.ttl), ("timeout", p.timeout)):
+        if value is not None:
+            try:
+                parse_duration(value)
+            except ValueError:
+                fail(key, f"{value!r} is not a duration; write e.g. 90s, 30m, 6h or 2d")
+    if p.chart.path:
+        chart = p.resolve_path(p.chart.path)
+        if not chart.is_file():
+            fail("chart.path", f"{chart} does not exist; point it at a packaged chart (.tgz) or remove it to "
+                               f"fetch {p.chart.name} {p.chart.version} from {p.chart.repo}")
+    if not re.match(r"^\d+\.\d+\.\d+", p.chart.version):
+        fail("chart.version", f"{p.chart.version!r} is not a chart version like 1.2.2")
+    groups: list[tuple[str, HeadSpec]] = [("head", p.head)] + [(f"workers.{n}", w) for n, w in p.workers.items()]
+    for name in p.workers:
+        if not _DNS_LABEL.match(name):
+            fail(f"workers.{name}", "a worker group name must be a lowercase DNS label (a-z, 0-9, '-')")
+    for key, g in groups:
+        if g.gpus < 0:
+            fail(f"{key}.gpus", f"{g.gpus} GPUs is negative; use 0 for a CPU-only pod")
+        for res in ("cpu", "memory"):
+            value = getattr(g, res)
+            if value is not None and not _QUANTITY.match(value):
+                fail(f"{key}.{res}", f"{value!r} is not a Kubernetes quantity; write e.g. "
+                                     f"{'8 or 500m' if res == 'cpu' else '32G or 16Gi'}")
+        if isinstance(g, WorkerGroupSpec):
+            if g.replicas < 0:
+                fail(f"{key}.replicas", f"{g.replicas} is negative; use 0 to keep the group empty")
+            lo = g.replicas if g.min_replicas is None else g.min_replicas
+            hi = g.replicas if g.max_replicas is None else g.max_replicas
+            if not lo <= g.replicas <= hi:
+                fail(f"{key}.replicas", f"{g.replicas} is outside min_replicas..max_replicas ({lo}..{hi})")
+        if "num-gpus" in g.ray_start_params and g.gpus:
+            fail(f"{key}.ray_start_params.num-gpus", f"set by {key}.gpus; remove it from ray_start_params")
+    for i, v in enumerate(p.volumes):
+        if (v.host_path is None) == (v.pvc is None):
+            fail(f"volumes[{i}]", "give exactly one of host_path or pvc")
+        if not v.mount_path.startswith("/"):
+            fail(f"volumes[{i}].mount_path", f"{v.mount_path!r} must be an absolute path")
+        if not _DNS_LABEL.match(v.name):
+            fail(f"volumes[{i}].name", f"{v.name!r} must be a lowercase DNS label")
+    for name, job in p.jobs.items():
+        if (job.entrypoint is None) == (job.itwinai is None):
+            fail(f"jobs.{name}", "give exactly one of entrypoint or itwinai")
+        for key in ("num_cpus", "num_gpus"):
+            if (getattr(job, key) or 0) < 0:
+                fail(f"jobs.{name}.{key}", "must not be negative")
+    if p.mlflow.credentials == "file" and not p.mlflow.credentials_file:
+        fail("mlflow.credentials_file", "required when mlflow.credentials is 'file': a 0600 file with "
+                                        "username= and password= lines")
+    if p.template and not p.resolve_path(p.template).is_file():
+        fail("template", f"{p.resolve_path(p.template)} does not exist; remove the key to use the default template")
+    if p.backend == "kuberay":
+        _check_kuberay(p, groups, fail)
+
+
+def _check_kuberay(p: Profile, groups: list[tuple[str, HeadSpec]], fail: Any) -> None:
+    if not p.image.dir:
+        fail("image.dir", "required for the kuberay backend: the absolute directory of the SIF file on the "
+                          "SLURM side, e.g. /ceph/hpc/data/<project>/<user>")
+    if p.interlink.enabled and not p.image.dir.startswith("/"):
+        fail("image.dir", f"{p.image.dir!r} is not absolute; interLink hands singularity an image that starts "
+                          "with '/' as a file, anything else as a registry reference")
+    if not _DNS_LABEL.match(p.kubernetes.namespace):
+        fail("kubernetes.namespace", f"{p.kubernetes.namespace!r} is not a valid namespace name")
+    if not p.interlink.enabled:
+        return
+    if not p.interlink.node:
+        fail("interlink.node", "required when interlink.enabled: the virtual node's name (kubectl get nodes)")
+    for key, g in groups:
+        for res in ("cpu", "memory"):
+            if getattr(g, res) is None:
+                fail(f"{key}.{res}", f"required with interLink: without a {res} limit the SLURM plugin gives the "
+                                     f"job {'1 CPU' if res == 'cpu' else '1 MB of memory'}")
+        for flag in g.slurm_flags:
+            _check_slurm_flag(flag, f"{key}.slurm_flags", g.gpus, fail)
+    for flag in p.interlink.slurm.extra_flags:
+        gpus = max(g.gpus for _, g in groups)
+        _check_slurm_flag(flag, "interlink.slurm.extra_flags", gpus, fail)
+
+
+def _check_slurm_flag(flag: str, key: str, gpus: int, fail: Any) -> None:
+    name = flag.split("=", 1)[0].split()[0] if flag.strip() else flag
+    if name in _SLURM_RESOURCE_FLAGS:
+        fail(key, f"{flag!r} clashes with the pod's cpu/memory limits, which interLink turns into --cpus-per-task "
+                  "and --mem; set head/workers cpu and memory instead")
+    if name in ("--gres", "--gpus", "-G") and gpus:
+        fail(key, f"{flag!r} clashes with the GPU count, which hpcray turns into --gres=gpu:N; set gpus instead")
+    if name in ("-p", "--partition", "--time", "-t", "--account", "-A"):
+        fail(key, f"{flag!r} has its own key: use interlink.slurm.partition/time/account")
+
+
+def schema_fields(cls: type = Profile) -> list[tuple[str, str, str, Any, Any]]:
+    """Every profile key as (dotted key, type, doc, default, example), in declaration order; for the docs."""
+    rows: list[tuple[str, str, str, Any, Any]] = []
+
+    def walk(c: type, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.metadata.get("internal"):
+                continue
+            tp = hints[f.name]
+            key = _join(prefix, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
+                [tp] if dataclasses.is_dataclass(tp) else [])
+            if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+                rows.append((key, _describe(tp), f.metadata.get("doc", ""), None, f.metadata.get("example")))
+                walk(typing.get_args(tp)[1], f"{key}.<name>")
+            elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                rows.append((key, _describe(tp), f.metadata.get("doc", ""), None, f.metadata.get("example")))
+                walk(typing.get_args(tp)[0], f"{key}[]")
+            elif inner:
+                rows.append((key, _describe(tp), f.metadata.get("doc", ""), None, None))
+                walk(inner[0], key)
+            else:
+                shown = default if not dataclasses.is_dataclass(default) else None
+                rows.append((key, _describe(tp), f.metadata.get("doc", ""), shown, f.metadata.get("example")))
+
+    walk(cls, "")
+    return rows
