@@ -330,6 +330,10 @@ def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None 
     profile.source = path.resolve()
     profile.key_lines = converter.lines
     check_profile(profile)
+    if profile.backend == "local" and not profile.mlflow.tracking_uri and not profile.local.mlflow_server:
+        from hpcray.state import state_root
+
+        profile.mlflow.tracking_uri = f"sqlite:///{state_root() / profile.name / 'mlflow.db'}"
     return profile
 
 
