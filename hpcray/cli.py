@@ -17,8 +17,15 @@ from hpcray import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
+def _complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from hpcray.profile import PROFILES_DIR
+
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.y*ml") if p.stem.startswith(incomplete))
+
+
 profile_option = click.option(
     "--profile", "-p", "profile_ref", metavar="PROFILE", envvar="HPCRAY_PROFILE", default="local", show_default=True,
+    shell_complete=_complete_profiles,
     help="Profile name in values/profiles/ or path to a profile YAML ($HPCRAY_PROFILE).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
@@ -116,6 +123,17 @@ def profile_cmd(profile_ref: str, schema: bool, as_json: bool) -> None:
 
         click.echo(f"# {p.source}: valid")
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: `eval "$(hpcray completion bash)"` in ~/.bashrc."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "hpcray", "_HPCRAY_COMPLETE").source())
 
 
 def main(argv: list[str] | None = None) -> None:
