@@ -55,7 +55,11 @@ CASES: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize("text,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("text,expected", [
+    pytest.param(text, expected, id=case, marks=pytest.mark.reliability(
+        case=f"bad profile: {case}", sees=f"`hpcray: error: FILE:LINE: {expected}…`, exit 2",
+        remains="nothing (checked before helm or Ray is touched)"))
+    for case, text, expected in CASES])
 def test_bad_profile_is_one_line_naming_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch, text: str, expected: str) -> None:
     monkeypatch.delenv("HPCRAY_TEST_UNSET_DIR", raising=False)

@@ -42,3 +42,9 @@ def test_completion_offers_commands_and_profile_names() -> None:
     assert "render" in commands
     profiles = hpcray(env={**base, "COMP_WORDS": "hpcray render --profile ve", "COMP_CWORD": "3"}).stdout
     assert "vega" in profiles and "local" not in profiles
+
+
+def test_reliability_table_is_fresh() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "reliability_table.py"), "--check"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr + done.stdout
