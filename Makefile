@@ -58,6 +58,12 @@ status: install  ## clusters made by hpcray
 pull: install  ## pull PROFILE's SIF image on the SLURM side
 	$(BIN)/hpcray pull --profile $(PROFILE) --slurm
 
+SIF ?= build/ray.sif
+SIF_BUILD_FLAGS ?= --fakeroot
+sif:  ## build the Ray image SIF (containers/ray.def) where apptainer or singularity exists
+	@runtime=$$(command -v apptainer || command -v singularity) || { echo 'make sif: neither apptainer nor singularity is installed here; build on a machine with one (an HPC login node), or pull a published image with `hpcray pull --slurm`' >&2; exit 1; }; \
+	 mkdir -p $(dir $(SIF)) && set -x && "$$runtime" build $(SIF_BUILD_FLAGS) $(SIF) containers/ray.def
+
 docs: install  ## regenerate docs/profile.md from the profile schema
 	$(BIN)/hpcray profile --schema > docs/profile.md
 

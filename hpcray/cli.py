@@ -136,6 +136,50 @@ def completion(shell: str) -> None:
     click.echo(cls(cli, {}, "hpcray", "_HPCRAY_COMPLETE").source())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@profile_option
+@click.option("--force", is_flag=True, help="Pull even when the SIF file is already there.")
+@click.option("--slurm", is_flag=True, help="Pull in a SLURM batch job (sbatch) instead of on this machine.")
+@click.option("--print", "print_only", is_flag=True, help="Print the SLURM batch script; submit nothing (implies --slurm).")
+@click.option("--timeout", default="2h", show_default=True, metavar="DURATION",
+              help="With --slurm: how long to wait for the job (90s, 30m, 2h); it keeps running after.")
+@json_option
+def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: str, as_json: bool) -> None:
+    """Pull the profile's image.source into the SIF file its pods run: `<image.dir>/<name>:<tag>`.
+
+    Progress goes to stderr, the SIF path to stdout.
+    """
+    from dataclasses import asdict
+
+    from hpcray import images
+    from hpcray.profile import load_profile, parse_duration
+
+    try:
+        wait_s = parse_duration(timeout)
+    except ValueError:
+        raise click.BadParameter(f"{timeout!r} is not a duration; write e.g. 90s, 30m or 2h",
+                                 param_hint="--timeout") from None
+    p = load_profile(profile_ref)
+    if print_only:
+        click.echo(images.render_pull_script(p, force=force), nl=False)
+        return
+    if slurm:
+        result = images.pull_slurm(p, force=force, timeout=wait_s, progress=echo_err)
+    else:
+        result = images.pull(p, force=force, progress=echo_err)
+    if not result.pulled:
+        echo_err(f"{result.path} is present; not pulled again (--force does)")
+    if as_json:
+        print_json(asdict(result))
+    else:
+        click.echo(result.path)
+
+
 def main(argv: list[str] | None = None) -> None:
     from hpcray.errors import Interrupted
 

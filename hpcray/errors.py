@@ -89,6 +89,12 @@ class SlurmError(HpcrayError):
     """sbatch/scontrol failed or a SLURM job ended badly; the message carries the job's error output."""
 
 
+class SlurmTimeout(SlurmError):
+    """A SLURM job did not end within --timeout; it keeps running."""
+
+    exit_code = EXIT_TIMEOUT
+
+
 class ImageError(HpcrayError):
     """The SIF image is missing or its pull failed."""
 
