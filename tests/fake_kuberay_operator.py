@@ -1,0 +1,372 @@
+"""A fake KubeRay operator — with the scheduler and kubelet parts a test needs — living inside FakeKubeAPI.
+
+Like KubeRay 1.2.2: a RayCluster gets a head pod `<name>-head-xxxxx`, `replicas` worker pods per worker group
+`<name>-<group>-worker-xxxxx` (pod template copied, `ray.io/*` labels, owned by the RayCluster) and a head Service
+`<name>-head-svc`; replicas are reconciled on update; `.status.state` becomes "ready" once every pod is ready and is
+never cleared. Pods go away through the API server's garbage collection when their RayCluster does.
+
+Pods start Pending. `mode = "auto"` moves each through scheduled → Running → Ready, `delay` seconds per step;
+`mode = "manual"` leaves them until the test says. Rules (`keep_pending`, `fail_image_pull`, `crash`, `make_ready`)
+select pods by namespace/cluster/group/pod and apply to matching pods now and to those created later; the latest
+matching rule wins. Control methods may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from tests.fake_kube_api import EVENTS, PODS, SERVICES, ApiError, Change, Obj, now_iso
+
+if TYPE_CHECKING:
+    from tests.fake_kube_api import FakeKubeAPI, Resource
+
+TICK_S = 0.05
+NODE = "fake-node-1"
+HEAD_PORTS = {"client": 10001, "dashboard": 8265, "gcs-server": 6379, "metrics": 8080}
+AUTO_STEPS = {"pending": "scheduled", "scheduled": "running", "running": "ready"}
+
+
+@dataclass(frozen=True)
+class PodSelector:
+    """Which pods a rule is about; None matches anything. `group` is "headgroup" or a worker groupName."""
+    namespace: str | None = "default"
+    cluster: str | None = None
+    group: str | None = None
+    pod: str | None = None
+
+    def __call__(self, pod: Obj) -> bool:
+        labels = pod["metadata"].get("labels", {})
+        return ((self.namespace is None or pod["metadata"].get("namespace") == self.namespace)
+                and (self.cluster is None or labels.get("ray.io/cluster") == self.cluster)
+                and (self.group is None or labels.get("ray.io/group") == self.group)
+                and (self.pod is None or pod["metadata"]["name"] == self.pod))
+
+
+class FakeKubeRayOperator:
+    """Reconciles RayClusters into pods and a head Service, and plays scheduler/kubelet for those pods."""
+
+    def __init__(self, api: FakeKubeAPI, *, mode: Literal["auto", "manual"] = "auto", delay: float = 0.05,
+                 terminating_delay: float = 0.0) -> None:
+        self.api, self.store = api, api.store
+        self.mode = mode
+        self.delay = delay  # seconds per automatic step
+        self.terminating_delay = terminating_delay  # seconds a deleted pod on a node stays Terminating
+        self.errors: list[str] = []  # tracebacks of the operator's own failures; a test can assert it is empty
+        self._rules: list[tuple[PodSelector, str, dict[str, Any]]] = []
+        self._stages: dict[tuple[str, str], str] = {}  # pod → stage it was last put in
+        self._plans: dict[tuple[str, str], tuple[str, float]] = {}  # pod → (next stage, monotonic due time)
+        self._dirty: set[tuple[str, str]] = set()  # RayClusters to reconcile
+        self._task: asyncio.Task[None] | None = None
+        self.store.listeners.append(self._on_change)
+
+    # -- test controls (any thread) ------------------------------------------------------------------------------
+    def keep_pending(self, *, namespace: str | None = "default", cluster: str | None = None,
+                     group: str | None = None, pod: str | None = None, reason: str = "Unschedulable",
+                     message: str = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.") -> None:
+        """Matching pods stay Pending: PodScheduled False with reason/message, and a FailedScheduling Event."""
+        self._rule(PodSelector(namespace, cluster, group, pod), "unschedulable", reason=reason, message=message)
+
+    def fail_image_pull(self, *, namespace: str | None = "default", cluster: str | None = None,
+                        group: str | None = None, pod: str | None = None,
+                        message: str = "rpc error: code = NotFound desc = manifest unknown") -> None:
+        """Matching pods get scheduled, then ErrImagePull and (`delay` later) ImagePullBackOff, with Failed Events."""
+        self._rule(PodSelector(namespace, cluster, group, pod), "errimagepull", message=message)
+
+    def crash(self, *, namespace: str | None = "default", cluster: str | None = None, group: str | None = None,
+              pod: str | None = None, exit_code: int = 1) -> None:
+        """Matching pods run, and their first container is in CrashLoopBackOff after exiting with `exit_code`."""
+        self._rule(PodSelector(namespace, cluster, group, pod), "crashloop", exit_code=exit_code)
+
+    def make_ready(self, *, namespace: str | None = "default", cluster: str | None = None, group: str | None = None,
+                   pod: str | None = None) -> None:
+        """Matching pods are Running and Ready now (overrides earlier rules)."""
+        self._rule(PodSelector(namespace, cluster, group, pod), "ready")
+
+    def set_pod_phase(self, pod: str, phase: str, *, namespace: str = "default", ready: bool = False,
+                      reason: str = "", message: str = "") -> None:
+        """Write one existing pod's status.phase and Ready condition directly (no rule, no further steps)."""
+        def run() -> None:
+            obj = self.store.get(PODS, namespace, pod)
+            self._plans.pop((namespace, pod), None)
+            self._stages[(namespace, pod)] = "set"
+            status = copy.deepcopy(obj.get("status", {}))
+            status.update(phase=phase, reason=reason, message=message)
+            status["conditions"] = [c for c in status.get("conditions", []) if c["type"] != "Ready"] + [
+                _condition("Ready", ready, "" if ready else "ContainersNotReady")]
+            self._write_status(obj, status)
+        self.api.call(run)
+
+    def _rule(self, selector: PodSelector, fate: str, **params: Any) -> None:
+        def run() -> None:
+            self._rules.append((selector, fate, params))
+            for pod in self.store.list(PODS, selector.namespace):
+                if selector(pod) and self._is_ours(pod) and not pod["metadata"].get("deletionTimestamp"):
+                    self._enter(pod, fate, params)
+        self.api.call(run)
+
+    # -- wiring to the server's loop -----------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start working on the server's loop; every RayCluster is reconciled (also after an API restart)."""
+        self._task = loop.create_task(self._run())
+        rc = self._rc_resource()
+        self._dirty |= {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in self.store.list(rc)} if rc else set()
+
+    def detach(self) -> None:
+        """Stop working (the server is stopping); plans are kept for the next attach."""
+        if self._task:
+            self._task.cancel()
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._guard(self._reconcile_dirty)
+            self._guard(self._tick)
+            await asyncio.sleep(TICK_S)
+
+    def _guard(self, fn: Any) -> None:
+        try:
+            fn()
+        except Exception:  # kept for the test to see; the operator goes on like a real controller would
+            self.errors.append(traceback.format_exc())
+
+    def _on_change(self, change: Change) -> None:
+        obj = change.new or change.old
+        assert obj is not None
+        meta = obj["metadata"]
+        if change.res.kind == "RayCluster" and change.res.group == "ray.io":
+            old_gen = (change.old or {}).get("metadata", {}).get("generation")
+            if change.new is not None and old_gen != meta.get("generation"):
+                self._dirty.add((meta["namespace"], meta["name"]))
+        elif change.res is PODS:
+            if self._is_ours(obj):
+                self._dirty.add((meta["namespace"], meta["labels"]["ray.io/cluster"]))
+            if change.new is None:
+                self._stages.pop(_key(obj), None)
+                self._plans.pop(_key(obj), None)
+            elif meta.get("deletionTimestamp") and not (change.old or {}).get("metadata", {}).get("deletionTimestamp"):
+                self._plans[_key(obj)] = ("gone", time.monotonic() + self.terminating_delay)  # kubelet stops it
+
+    # -- reconciling RayClusters ---------------------------------------------------------------------------------
+    def _rc_resource(self) -> Resource | None:
+        return self.store.resource("ray.io", "v1", "rayclusters")
+
+    @staticmethod
+    def _is_ours(pod: Obj) -> bool:
+        return "ray.io/cluster" in pod["metadata"].get("labels", {})
+
+    def _reconcile_dirty(self) -> None:
+        while self._dirty:
+            namespace, name = self._dirty.pop()
+            rc_res = self._rc_resource()
+            rc = self.store.find(rc_res, namespace, name) if rc_res else None
+            if rc_res and rc and not rc["metadata"].get("deletionTimestamp"):
+                self._reconcile(rc_res, rc)
+
+    def _reconcile(self, rc_res: Resource, rc: Obj) -> None:
+        spec, name, ns = rc.get("spec", {}), rc["metadata"]["name"], rc["metadata"]["namespace"]
+        groups: dict[str, tuple[Obj, int, str]] = {"headgroup": (spec.get("headGroupSpec", {}), 1, "head")}
+        for wg in spec.get("workerGroupSpecs") or []:
+            groups[wg["groupName"]] = (wg, wg.get("replicas", 0) * wg.get("numOfHosts", 1), "worker")
+        if self.store.find(SERVICES, ns, f"{name}-head-svc") is None:
+            self.store.create(SERVICES, self._head_service(rc))
+        live = [p for p in self.store.list(PODS, ns, f"ray.io/cluster={name}")
+                if not p["metadata"].get("deletionTimestamp")]
+        for group, (group_spec, want, node_type) in groups.items():
+            have = [p for p in live if p["metadata"]["labels"].get("ray.io/group") == group]
+            for _ in range(want - len(have)):
+                self._start_pod(self.store.create(PODS, self._pod(rc, group, group_spec, node_type)))
+            for extra in have[want:]:
+                self.store.delete(PODS, ns, extra["metadata"]["name"])
+        for orphan in (p for p in live if p["metadata"]["labels"].get("ray.io/group") not in groups):
+            self.store.delete(PODS, ns, orphan["metadata"]["name"])
+        self._update_status(rc_res, rc)
+
+    @staticmethod
+    def _owner(rc: Obj) -> Obj:
+        return {"apiVersion": rc["apiVersion"], "kind": "RayCluster", "name": rc["metadata"]["name"],
+                "uid": rc["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+    def _pod(self, rc: Obj, group: str, group_spec: Obj, node_type: str) -> Obj:
+        name = rc["metadata"]["name"]
+        template = copy.deepcopy(group_spec.get("template") or {})
+        tmeta = template.get("metadata") or {}
+        labels = {**(tmeta.get("labels") or {}), "ray.io/cluster": name, "ray.io/node-type": node_type,
+                  "ray.io/group": group, "ray.io/identifier": f"{name}-{node_type}", "ray.io/is-ray-node": "yes",
+                  "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+        prefix = f"{name}-head-" if node_type == "head" else f"{name}-{group}-worker-"
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": prefix, "namespace": rc["metadata"]["namespace"], "labels": labels,
+                             "annotations": tmeta.get("annotations") or {}, "ownerReferences": [self._owner(rc)]},
+                "spec": template.get("spec") or {"containers": []}}
+
+    def _head_service(self, rc: Obj) -> Obj:
+        name = rc["metadata"]["name"]
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": f"{name}-head-svc", "namespace": rc["metadata"]["namespace"], "ownerReferences": [self._owner(rc)],
+            "labels": {"ray.io/cluster": name, "ray.io/node-type": "head", "ray.io/identifier": f"{name}-head",
+                       "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}},
+            "spec": {"type": rc.get("spec", {}).get("headGroupSpec", {}).get("serviceType", "ClusterIP"),
+                     "selector": {"ray.io/cluster": name, "ray.io/node-type": "head"},
+                     "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"}
+                               for n, p in HEAD_PORTS.items()]}}
+
+    def _update_status(self, rc_res: Resource, rc: Obj) -> None:
+        """KubeRay 1.2.2's status: counts, endpoints, head addresses; state "ready" once, never cleared."""
+        name, ns, spec = rc["metadata"]["name"], rc["metadata"]["namespace"], rc.get("spec", {})
+        pods = [p for p in self.store.list(PODS, ns, f"ray.io/cluster={name}")
+                if not p["metadata"].get("deletionTimestamp")]
+        workers = [p for p in pods if p["metadata"]["labels"].get("ray.io/node-type") == "worker"]
+        head = next((p for p in pods if p["metadata"]["labels"].get("ray.io/node-type") == "head"), None)
+        groups = spec.get("workerGroupSpecs") or []
+        desired = sum(g.get("replicas", 0) * g.get("numOfHosts", 1) for g in groups)
+        svc = self.store.find(SERVICES, ns, f"{name}-head-svc")
+        old = rc.get("status") or {}
+        status = {**old, "desiredWorkerReplicas": desired,
+                  "minWorkerReplicas": sum(g.get("minReplicas", 0) * g.get("numOfHosts", 1) for g in groups),
+                  "maxWorkerReplicas": sum(g.get("maxReplicas", 0) * g.get("numOfHosts", 1) for g in groups),
+                  "availableWorkerReplicas": sum(p["status"].get("phase") == "Running" for p in workers),
+                  "readyWorkerReplicas": sum(_is_ready(p) for p in workers),
+                  "endpoints": {k: str(v) for k, v in HEAD_PORTS.items()},
+                  "head": {"podName": head["metadata"]["name"] if head else "",
+                           "podIP": (head or {}).get("status", {}).get("podIP", ""),
+                           "serviceName": f"{name}-head-svc", "serviceIP": (svc or {}).get("spec", {}).get("clusterIP", "")},
+                  "observedGeneration": rc["metadata"].get("generation", 1)}
+        if head and len(workers) == desired and all(_is_ready(p) for p in pods):
+            status["state"] = "ready"
+        if {k: v for k, v in status.items() if k != "lastUpdateTime"} != \
+                {k: v for k, v in old.items() if k != "lastUpdateTime"}:
+            status["lastUpdateTime"] = now_iso()
+            self.store.replace(rc_res, ns, name, {**rc, "status": status}, subresource="status")
+
+    # -- scheduler and kubelet -----------------------------------------------------------------------------------
+    def _start_pod(self, pod: Obj) -> None:
+        self._stages[_key(pod)] = "pending"
+        fate = next(((f, p) for sel, f, p in reversed(self._rules) if sel(pod)), None)
+        if fate:
+            self._enter(pod, *fate)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.mode == "auto":
+            for key, stage in list(self._stages.items()):
+                if stage in AUTO_STEPS and key not in self._plans:
+                    self._plans[key] = (AUTO_STEPS[stage], now + self.delay)
+        for key, (stage, due) in list(self._plans.items()):
+            if due > now or self._plans.get(key) != (stage, due):
+                continue
+            del self._plans[key]
+            pod = self.store.find(PODS, *key)
+            if pod is not None and stage == "gone":
+                self.store.delete(PODS, key[0], key[1], grace_seconds=0)
+            elif pod is not None and not pod["metadata"].get("deletionTimestamp"):
+                self._enter(pod, stage, {})
+
+    def _enter(self, pod: Obj, stage: str, params: dict[str, Any]) -> None:
+        """Put a pod in a stage: write its spec/status as the scheduler and kubelet would, and their Events."""
+        key, name = _key(pod), pod["metadata"]["name"]
+        self._stages[key] = stage
+        self._plans.pop(key, None)
+        containers = pod["spec"].get("containers", [])
+        image = next((c.get("image", "") for c in containers), "")
+        if stage == "unschedulable":
+            self._write_status(pod, {"phase": "Pending", "conditions": [
+                _condition("PodScheduled", False, params["reason"], params["message"])]})
+            self._event(pod, "Warning", "FailedScheduling", params["message"], "default-scheduler")
+            return
+        if not pod["spec"].get("nodeName"):
+            pod = self.store.replace(PODS, key[0], name, {**pod, "spec": {**pod["spec"], "nodeName": NODE}})
+            self._event(pod, "Normal", "Scheduled", f"Successfully assigned {key[0]}/{name} to {NODE}",
+                        "default-scheduler")
+        if stage == "scheduled":
+            self._write_status(pod, _pod_status("Pending", containers, {"waiting": {"reason": "ContainerCreating"}}))
+        elif stage == "errimagepull":
+            self._write_status(pod, _pod_status("Pending", containers, {"waiting": {
+                "reason": "ErrImagePull", "message": params["message"]}}))
+            self._event(pod, "Warning", "Failed", f'Failed to pull image "{image}": {params["message"]}', "kubelet")
+            self._event(pod, "Warning", "Failed", "Error: ErrImagePull", "kubelet")
+            self._plans[key] = ("imagepullbackoff", time.monotonic() + self.delay)
+        elif stage == "imagepullbackoff":
+            self._write_status(pod, _pod_status("Pending", containers, {"waiting": {
+                "reason": "ImagePullBackOff", "message": f'Back-off pulling image "{image}"'}}))
+            self._event(pod, "Normal", "BackOff", f'Back-off pulling image "{image}"', "kubelet")
+            self._event(pod, "Warning", "Failed", "Error: ImagePullBackOff", "kubelet")
+        elif stage == "crashloop":
+            status = _pod_status("Running", containers, {"running": {"startedAt": now_iso()}}, ready=False)
+            first = status["containerStatuses"][0] if containers else {}
+            first.update(restartCount=1, state={"waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off 10s restarting failed container={first.get('name')} pod={name}"}},
+                lastState={"terminated": {"exitCode": params["exit_code"], "reason": "Error",
+                                          "startedAt": now_iso(), "finishedAt": now_iso()}})
+            self._write_status(pod, status)
+            self._event(pod, "Warning", "BackOff", f"Back-off restarting failed container {first.get('name')} in "
+                                                   f"pod {name}", "kubelet")
+        elif stage in ("running", "ready"):
+            self._write_status(pod, _pod_status("Running", containers, {"running": {"startedAt": now_iso()}},
+                                                ready=stage == "ready"))
+            if stage == "running" or not any(e["reason"] == "Started" for e in self._events(pod)):
+                for reason, msg in (("Pulled", f'Container image "{image}" already present on machine'),
+                                    ("Created", "Created container"), ("Started", "Started container")):
+                    self._event(pod, "Normal", reason, msg, "kubelet")
+
+    def _write_status(self, pod: Obj, status: Obj) -> None:
+        live = self.store.find(PODS, *_key(pod))
+        if live is None:
+            return
+        if status["phase"] == "Running":
+            status = {**status, "podIP": f"10.244.0.{sum(map(ord, live['metadata']['name'])) % 250 + 2}",
+                      "hostIP": "10.0.0.1", "startTime": live.get("status", {}).get("startTime", now_iso())}
+        self.store.replace(PODS, *_key(pod), {**live, "status": status}, subresource="status")
+
+    def _events(self, pod: Obj) -> list[Obj]:
+        return self.store.list(EVENTS, pod["metadata"]["namespace"], fields=f"involvedObject.name={pod['metadata']['name']}")
+
+    def _event(self, pod: Obj, type_: str, reason: str, message: str, component: str) -> None:
+        """A core/v1 Event about the pod; a repeat of the same reason and message counts up, as Kubernetes does."""
+        ns, now = pod["metadata"]["namespace"], now_iso()
+        same = [e for e in self._events(pod) if (e["reason"], e["message"]) == (reason, message)]
+        if same:
+            ev = same[0]
+            self.store.replace(EVENTS, ns, ev["metadata"]["name"], {**ev, "count": ev["count"] + 1, "lastTimestamp": now})
+            return
+        try:
+            self.store.create(EVENTS, {
+                "metadata": {"name": f"{pod['metadata']['name']}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": ns, "name": pod["metadata"]["name"],
+                                   "uid": pod["metadata"]["uid"]},
+                "reason": reason, "message": message, "type": type_, "source": {"component": component},
+                "reportingComponent": component, "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+        except ApiError:  # the namespace is going away
+            pass
+
+
+def _key(pod: Obj) -> tuple[str, str]:
+    return pod["metadata"]["namespace"], pod["metadata"]["name"]
+
+
+def _is_ready(pod: Obj) -> bool:
+    status = pod.get("status", {})
+    return status.get("phase") == "Running" and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def _condition(type_: str, ok: bool, reason: str = "", message: str = "") -> Obj:
+    out = {"type": type_, "status": "True" if ok else "False", "lastTransitionTime": now_iso()}
+    return {**out, **({"reason": reason} if reason else {}), **({"message": message} if message else {})}
+
+
+def _pod_status(phase: str, containers: list[Obj], state: Obj, ready: bool = False) -> Obj:
+    started = "running" in state
+    return {"phase": phase, "conditions": [
+        _condition("PodScheduled", True), _condition("Initialized", True),
+        _condition("ContainersReady", ready, "" if ready else "ContainersNotReady"),
+        _condition("Ready", ready, "" if ready else "ContainersNotReady")],
+        "containerStatuses": [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": ready,
+                               "started": started, "restartCount": 0, "state": copy.deepcopy(state)}
+                              for c in containers]}
