@@ -180,6 +180,260 @@ def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: 
         click.echo(result.path)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Cluster lifecycle: up, down, status, gc, dashboard (hpcray.backends; KubeRay through helm + the kubernetes client)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _duration(value: str | None, flag: str) -> float | None:
+    from hpcray.profile import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration; write e.g. 90s, 30m, 6h or 2d",
+                                 param_hint=flag) from None
+
+
+def _expiry(epoch: float | None) -> str:
+    import time
+
+    if epoch is None:
+        return "no expiry"
+    left = epoch - time.time()
+    span = abs(left)
+    text = f"{span:.0f}s" if span < 120 else f"{span / 60:.0f}m" if span < 7200 else f"{span / 3600:.1f}h"
+    return f"expires in {text}" if left > 0 else f"expired {text} ago"
+
+
+def _print_cluster(status: Any) -> None:
+    ready_nodes = sum(n.phase == "Ready" for n in status.nodes)
+    d = status.details
+    where = f" namespace {d['namespace']}" if d.get("namespace") else ""
+    release = f" release {d['release_status']} rev {d['revision']}" if d.get("release_status") else ""
+    click.echo(f"{status.name}: {status.backend}{where}{release}; "
+               f"{'ready' if status.ready else 'not ready' if status.exists else 'absent'}; "
+               f"{ready_nodes}/{len(status.nodes)} pods Ready; {sum(n.gpus for n in status.nodes)} GPUs; "
+               f"{_expiry(status.expires_at)}" + (f"; dashboard {status.address}" if status.address else ""))
+    for n in status.nodes:
+        click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"
+                   f"{f'  {n.gpus} GPU' if n.gpus else ''}")
+
+
+def _dry_run_up(p: Any, env: dict[str, Any] | None, ttl_s: float | None, as_json: bool) -> None:
+    import shlex
+
+    from hpcray.backends.kuberay import KubeRayBackend
+
+    if p.backend != "kuberay":
+        click.echo(f"# profile {p.name} uses the local backend: `up` starts a Ray head on this machine (no helm)")
+        return
+    plan = KubeRayBackend(p).plan(env=env, ttl_s=ttl_s, warn=echo_err)
+    command = shlex.join([plan.helm.path, *plan.argv])
+    secret = None if plan.secret is None else {
+        "name": p.secret_name, "namespace": p.kubernetes.namespace, "data": {k: str(v) for k, v in plan.secret.items()}}
+    if as_json:
+        print_json({"helm_argv": [plan.helm.path, *plan.argv], "values": plan.values_yaml, "secret": secret,
+                    "expected_workers": plan.expected_workers, "expires_at": plan.expires_at})
+        return
+    if secret:
+        shown = ", ".join(f"{k}={v if k != 'password' else 'Secret(******)'}" for k, v in secret["data"].items())
+        click.echo(f"# would create/replace Secret {p.secret_name} in namespace {p.kubernetes.namespace}: {shown}")
+    click.echo(f"# would run (values on stdin):\n{command}\n# values:")
+    click.echo(plan.values_yaml, nl=False)
+
+
+@cli.command()
+@profile_option
+@click.option("--timeout", metavar="DUR", help="How long to wait for every pod to be Ready, e.g. 30m "
+                                               "(default: the profile's timeout).")
+@click.option("--ttl", metavar="DUR", help="Lifetime, e.g. 6h: `hpcray gc` removes the cluster after it "
+                                           "(default: the profile's ttl).")
+@click.option("--down-on-failure/--keep-on-failure", default=False, show_default=True,
+              help="On timeout or Ctrl-C remove the release, or keep it for inspection.")
+@click.option("--port-forward", is_flag=True, help="Once ready, forward a local port to the dashboard until Ctrl-C.")
+@click.option("--port", type=int, default=8265, show_default=True, help="Local port for --port-forward (0: any).")
+@click.option("--dry-run", is_flag=True, help="Print the helm command and values; touch nothing.")
+@json_option
+def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: bool, port_forward: bool, port: int,
+       dry_run: bool, as_json: bool) -> None:
+    """Start the profile's Ray cluster and wait until the head and every worker are Ready.
+
+    \b
+    Progress (one line per pod change, with Kubernetes' reason) goes to stderr, the result to stdout.
+    On timeout: a diagnosis of every pod not Ready and exit 4. Ctrl-C: stop waiting, exit 130; the release is
+    removed with --down-on-failure, otherwise left (`hpcray down` removes it).
+    """
+    from hpcray.backends import backend_for
+    from hpcray.profile import load_profile
+    from hpcray.tracking import load_credentials
+
+    p = load_profile(profile_ref)
+    timeout_s = _duration(timeout or p.timeout, "--timeout")
+    ttl_s = _duration(ttl or p.ttl, "--ttl")
+    credentials = load_credentials(p)
+    env = credentials.env() if credentials else None
+    if dry_run:
+        _dry_run_up(p, env, ttl_s, as_json)
+        return
+    backend = backend_for(p)
+    extra = {"down_on_failure": down_on_failure} if p.backend == "kuberay" else {}
+    status = backend.up(timeout=timeout_s or 7200.0, progress=echo_err, env=env, ttl_s=ttl_s, **extra)
+    if as_json:
+        print_json(status.to_json())
+    else:
+        _print_cluster(status)
+        if p.backend == "kuberay" and not port_forward:
+            click.echo(f"dashboard: `hpcray dashboard -p {profile_ref}` forwards a local port to "
+                       f"{status.details['service']}:8265")
+    if port_forward and p.backend == "kuberay":
+        backend.dashboard(port=port, progress=echo_err,  # type: ignore[attr-defined]
+                          on_ready=lambda url: click.echo(f"dashboard: {url} (Ctrl-C stops the port-forward)"))
+
+
+@cli.command()
+@profile_option
+@click.option("--timeout", metavar="DUR", default="5m", show_default=True, help="How long to wait for the pods to go.")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; touch nothing.")
+def down(profile_ref: str, timeout: str, dry_run: bool) -> None:
+    """Remove the profile's Ray cluster and wait until none of its pods is left (absent: says so, succeeds)."""
+    from hpcray.backends import backend_for
+    from hpcray.profile import load_profile
+
+    p = load_profile(profile_ref)
+    if dry_run:
+        if p.backend != "kuberay":
+            click.echo(f"# profile {p.name} uses the local backend: `down` stops its Ray head on this machine")
+            return
+        import shlex
+
+        from hpcray import helm
+
+        click.echo(f"# would run:\n{shlex.join([helm.find_helm().path, *helm.uninstall_args(p)])}")
+        click.echo(f"# would delete Secret {p.secret_name} and wait for the pods labelled ray.io/cluster="
+                   f"{p.raycluster_name} in namespace {p.kubernetes.namespace} to be gone")
+        return
+    removed = backend_for(p).down(progress=echo_err, timeout=_duration(timeout, "--timeout") or 300.0)
+    click.echo(f"{p.name}: removed" if removed else f"{p.name}: nothing to remove (it was not running)")
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@profile_option
+@click.option("--all", "all_releases", is_flag=True, help="Every hpcray release in the profile's kube context.")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, job_id: str | None, profile_ref: str, all_releases: bool, as_json: bool) -> None:
+    """Show the profile's cluster (pods, age, GPUs, expiry), every hpcray release with --all, or a job by JOB_ID."""
+    if job_id is not None:
+        job_status_cmd = cli.get_command(ctx, "job-status")
+        if job_status_cmd is None:
+            from hpcray.errors import HpcrayError
+
+            raise HpcrayError(f"job status is not available in this build of hpcray; use `ray job status {job_id}` "
+                              "against the dashboard address")
+        job_status_cmd.main([job_id, "--profile", profile_ref, *(["--json"] if as_json else [])],
+                            prog_name="hpcray job-status", standalone_mode=False)
+        return
+    from hpcray.profile import load_profile
+
+    p = load_profile(profile_ref)
+    if all_releases:
+        from hpcray.backends.kuberay import all_clusters
+
+        clusters = all_clusters(p)
+        if as_json:
+            print_json([c.to_json() for c in clusters])
+        elif not clusters:
+            click.echo("no hpcray releases in this kube context")
+        for c in clusters if not as_json else []:
+            _print_cluster(c)
+        return
+    from hpcray.backends import backend_for
+
+    st = backend_for(p).status()
+    if as_json:
+        print_json(st.to_json())
+    else:
+        _print_cluster(st)
+
+
+@cli.command()
+@profile_option
+@click.option("--dry-run", is_flag=True, help="List the expired releases; remove nothing.")
+@json_option
+def gc(profile_ref: str, dry_run: bool, as_json: bool) -> None:
+    """Uninstall every hpcray release whose --ttl has passed, in every namespace of the profile's kube context."""
+    from hpcray.backends import kuberay
+    from hpcray.profile import load_profile
+
+    expired = kuberay.gc(load_profile(profile_ref), dry_run=dry_run, progress=echo_err)
+    if as_json:
+        print_json([{"name": e.name, "namespace": e.namespace, "expired_at": e.expired_at, "removed": not dry_run}
+                    for e in expired])
+        return
+    if dry_run:
+        for e in expired:
+            click.echo(f"would uninstall {e.name} (namespace {e.namespace}, {_expiry(e.expired_at)})")
+    click.echo(f"{'found' if dry_run else 'removed'} {len(expired)} expired hpcray release(s)")
+
+
+@cli.command()
+@profile_option
+@click.option("--port", type=int, default=8265, show_default=True, help="Local port (0: any free one).")
+def dashboard(profile_ref: str, port: int) -> None:
+    """Forward 127.0.0.1:PORT to the head's dashboard (8265) until Ctrl-C, reconnecting when it drops."""
+    from hpcray.backends import backend_for
+    from hpcray.profile import load_profile
+
+    p = load_profile(profile_ref)
+    backend = backend_for(p)
+    if p.backend != "kuberay":
+        click.echo(backend.address())
+        return
+    backend.dashboard(port=port, progress=echo_err,  # type: ignore[attr-defined]
+                      on_ready=lambda url: click.echo(f"dashboard: {url} (Ctrl-C stops the port-forward)"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run (hpcray.run): up → jobs → down, teardown guaranteed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@profile_option
+@click.argument("job_names", metavar="JOB...", nargs=-1, required=True)
+@click.option("--keep", is_flag=True, help="Leave the cluster up afterwards (default: tear it down).")
+@click.option("--timeout", metavar="DUR", help="How long to wait for the cluster (default: the profile's timeout).")
+@json_option
+def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, as_json: bool) -> None:
+    """Bring the profile's cluster up, run each JOB of the profile in turn, and tear the cluster down.
+
+    \b
+    The teardown happens whatever the outcome: a failed job, an error, Ctrl-C, SIGTERM or SIGHUP (a running job
+    is stopped first); --keep leaves the cluster up. MLflow is checked before anything starts.
+    Exit code: the worst job's (0 SUCCEEDED, 1 FAILED, 3 STOPPED), 2 when nothing ran, 128+N on signal N.
+    """
+    from hpcray.profile import load_profile, parse_duration
+    from hpcray.run import run, summary
+
+    p = load_profile(profile_ref)
+    wait = None
+    if timeout:
+        try:
+            wait = parse_duration(timeout)
+        except ValueError:
+            raise click.BadParameter(f"{timeout!r} is not a duration like 90s, 30m, 2h", param_hint="--timeout") from None
+    report = run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep, timeout=wait)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        click.echo("\n".join(["", "== hpcray run: summary =="] + summary(report)))
+    sys.exit(report.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     from hpcray.errors import Interrupted
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,7 +62,12 @@ def _probe(path: str) -> Helm:
 
 
 def kube_args(p: Profile) -> list[str]:
-    args = ["--namespace", p.kubernetes.namespace]
+    return ["--namespace", p.kubernetes.namespace, *context_args(p)]
+
+
+def context_args(p: Profile) -> list[str]:
+    """The profile's kube context and kubeconfig, without a namespace (for operations across namespaces)."""
+    args: list[str] = []
     if p.kubernetes.context:
         args += ["--kube-context", p.kubernetes.context]
     if p.kubernetes.kubeconfig:
@@ -188,3 +194,121 @@ def raycluster_crd_schema(helm: Helm | None, p: Profile) -> dict[str, Any] | Non
         if v["name"] == "v1":
             return v["schema"]["openAPIV3Schema"]
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Releases: install/upgrade, uninstall, list, status, history, and recovery of one a killed helm left behind
+# ---------------------------------------------------------------------------------------------------------------
+
+MANAGED_LABEL = "hpcray"  # every release hpcray makes carries hpcray=true, so `helm list -l hpcray=true` finds them
+PENDING = ("pending-install", "pending-upgrade", "pending-rollback", "uninstalling")
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    revision: int
+    status: str  # deployed | failed | pending-install | pending-upgrade | superseded | ...
+    chart: str = ""
+    updated: str = ""
+
+
+def upgrade_install_args(helm: Helm, p: Profile, chart: Path, labels: dict[str, str], timeout_s: float) -> list[str]:
+    """`helm upgrade --install`, values on stdin. The rollback flag makes a failed install leave no release behind;
+    helm's own wait covers only the RayCluster object: the pods are watched by hpcray.kube."""
+    label_arg = ",".join(f"{k}={v}" for k, v in labels.items())
+    args = ["upgrade", "--install", p.release, str(chart), *kube_args(p), "--values", "-", "--labels", label_arg,
+            helm.rollback_flag, "--timeout", f"{max(1, int(timeout_s))}s", "--output", "json"]
+    if helm.major >= 4:
+        args.append("--wait=hookOnly")  # --rollback-on-failure would otherwise wait with kstatus on the RayCluster
+    return args
+
+
+def upgrade_install(helm: Helm, p: Profile, values_yaml: str, labels: dict[str, str], timeout_s: float) -> Release:
+    args = upgrade_install_args(helm, p, resolve_chart(helm, p), labels, timeout_s)
+    done = run(helm, args, stdin=values_yaml, timeout=timeout_s + 30, what=f"helm upgrade --install {p.release}")
+    return _release_of(json.loads(done.stdout))
+
+
+def uninstall_args(p: Profile, timeout_s: float = 300) -> list[str]:
+    return ["uninstall", p.release, *kube_args(p), "--timeout", f"{int(timeout_s)}s"]
+
+
+def uninstall(helm: Helm, p: Profile, timeout_s: float = 300) -> bool:
+    """Remove the release; False when there was none."""
+    done = _run_or_missing(helm, uninstall_args(p, timeout_s), timeout=timeout_s + 30,
+                           what=f"helm uninstall {p.release}")
+    return done is not None
+
+
+def status(helm: Helm, p: Profile) -> Release | None:
+    done = _run_or_missing(helm, ["status", p.release, *kube_args(p), "--output", "json"], timeout=60,
+                           what=f"helm status {p.release}")
+    return None if done is None else _release_of(json.loads(done.stdout))
+
+
+def history(helm: Helm, p: Profile) -> list[Release]:
+    done = _run_or_missing(helm, ["history", p.release, *kube_args(p), "--output", "json"], timeout=60,
+                           what=f"helm history {p.release}")
+    if done is None:
+        return []
+    return [Release(p.release, p.kubernetes.namespace, int(r["revision"]), r["status"], r.get("chart", ""),
+                    r.get("updated", "")) for r in json.loads(done.stdout)]
+
+
+def list_releases(helm: Helm, p: Profile, *, all_namespaces: bool = False, selector: str = "hpcray=true") \
+        -> list[Release]:
+    """Releases made by hpcray (any status) in the profile's namespace, or in every namespace of its context."""
+    scope = ["--all-namespaces", *context_args(p)] if all_namespaces else kube_args(p)
+    every_status = ["--all"] if helm.major == 3 else []  # helm 4 lists every status by default and has no --all
+    done = run(helm, ["list", "--selector", selector, *every_status, *scope, "--output", "json"], timeout=60,
+               what="helm list")
+    return [Release(r["name"], r["namespace"], int(r["revision"]), r["status"], r.get("chart", ""),
+                    r.get("updated", "")) for r in json.loads(done.stdout or "[]")]
+
+
+def rollback(helm: Helm, p: Profile, revision: int, timeout_s: float = 300) -> None:
+    run(helm, ["rollback", p.release, str(revision), *kube_args(p), "--timeout", f"{int(timeout_s)}s"],
+        timeout=timeout_s + 30, what=f"helm rollback {p.release} {revision}")
+
+
+def recover(helm: Helm, p: Profile, current: Release | None) -> str | None:
+    """Bring a release (`current`, from status()) that a killed or failed helm left pending-* or failed back to
+    something `upgrade --install` accepts. Returns what was done, in words, or None when nothing needed doing.
+
+    The caller holds the profile's lock, so a pending release is not another hpcray's install in progress."""
+    if current is None or current.status not in (*PENDING, "failed"):
+        return None
+    good = [r for r in history(helm, p) if r.status in ("deployed", "superseded") and r.revision < current.revision]
+    if current.status == "failed" and good:
+        return None  # helm upgrades a failed release that has a deployed revision before it
+    if good:
+        rollback(helm, p, good[-1].revision)
+        return (f"release {p.release} was left {current.status} at revision {current.revision} (a helm that was "
+                f"killed or failed); rolled it back to revision {good[-1].revision}")
+    uninstall(helm, p)
+    return (f"release {p.release} was left {current.status} with no working revision (a helm that was killed or "
+            "failed); uninstalled it")
+
+
+def _run_or_missing(helm: Helm, args: list[str], *, timeout: float, what: str) \
+        -> subprocess.CompletedProcess[str] | None:
+    """run(), but None where helm says the release does not exist."""
+    try:
+        return run(helm, args, timeout=timeout, what=what)
+    except HelmError as exc:
+        if str(exc).endswith(": no such release"):  # explain() of helm's "release: not found"
+            return None
+        raise
+
+
+def _release_of(data: dict[str, Any]) -> Release:
+    info = data.get("info", {})
+    return Release(data["name"], data.get("namespace", ""), int(data.get("version", 0)), info.get("status", ""),
+                   _chart_name(data.get("chart", {})), info.get("last_deployed", ""))
+
+
+def _chart_name(chart: dict[str, Any]) -> str:
+    meta = chart.get("metadata", {})
+    return f"{meta.get('name', '')}-{meta.get('version', '')}" if meta else ""
