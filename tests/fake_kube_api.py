@@ -123,6 +123,7 @@ _EVENT_FIELDS = frozenset({"involvedObject.kind", "involvedObject.namespace", "i
 _POD_FIELDS = frozenset({"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
                          "status.phase", "status.podIP", "status.nominatedNodeName"})
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False, frozenset({"status.phase"}), short_names=("ns",))
+NODES = Resource("", "v1", "nodes", "Node", False, frozenset({"spec.unschedulable"}), short_names=("no",))
 PODS = Resource("", "v1", "pods", "Pod", fields=_POD_FIELDS, short_names=("po",))
 SERVICES = Resource("", "v1", "services", "Service", short_names=("svc",))
 SECRETS = Resource("", "v1", "secrets", "Secret", fields=frozenset({"type"}), has_status=False)
@@ -132,7 +133,7 @@ SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", has_st
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", short_names=("deploy",))
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
                 short_names=("crd",))
-BUILTIN = (NAMESPACES, PODS, SERVICES, SECRETS, CONFIGMAPS, EVENTS, SERVICEACCOUNTS, DEPLOYMENTS, CRDS)
+BUILTIN = (NAMESPACES, NODES, PODS, SERVICES, SECRETS, CONFIGMAPS, EVENTS, SERVICEACCOUNTS, DEPLOYMENTS, CRDS)
 
 
 class ApiError(Exception):
@@ -336,7 +337,7 @@ _PB_KINDS: dict[str, dict[int, tuple[str, Any]]] = {
 }
 
 
-def _pb_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+def _pb_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
     """(field number, value) pairs of one protobuf message; varints as int, length-delimited as bytes."""
     i = 0
 
@@ -373,27 +374,27 @@ def _pb_message(buf: bytes, schema: dict[int, tuple[str, Any]]) -> Obj:
             continue  # fields this fake does not keep (managedFields, ownerReferences, ...)
         name, kind = schema[num]
         if isinstance(kind, dict):
-            out[name] = _pb_message(raw, kind)  # type: ignore[arg-type]
+            out[name] = _pb_message(raw, kind)
         elif kind in ("map", "map64"):
-            entry = dict(_pb_fields(raw))  # type: ignore[arg-type]
+            entry = dict(_pb_fields(raw))
             value = entry.get(2, b"")
-            out.setdefault(name, {})[entry.get(1, b"").decode()] = (  # type: ignore[union-attr]
-                base64.b64encode(value).decode() if kind == "map64" else value.decode())  # type: ignore[union-attr]
+            out.setdefault(name, {})[entry.get(1, b"").decode()] = (
+                base64.b64encode(value).decode() if kind == "map64" else value.decode())
         elif kind == "list":
-            out.setdefault(name, []).append(raw.decode())  # type: ignore[union-attr]
+            out.setdefault(name, []).append(raw.decode())
         else:
-            out[name] = raw.decode() if kind == "str" else bool(raw) if kind == "bool" else raw  # type: ignore
+            out[name] = raw.decode() if kind == "str" else bool(raw) if kind == "bool" else raw
     return out
 
 
 def decode_protobuf(body: bytes) -> Obj:
     """A `k8s\\0`-prefixed runtime.Unknown holding one of _PB_KINDS, as the JSON object (other fields dropped)."""
     unknown = dict(_pb_fields(body[4:]))
-    type_meta = dict(_pb_fields(unknown.get(1, b"")))  # type: ignore[arg-type]
-    api_version, kind = type_meta.get(1, b"").decode(), type_meta.get(2, b"").decode()  # type: ignore[union-attr]
+    type_meta = dict(_pb_fields(unknown.get(1, b"")))
+    api_version, kind = type_meta.get(1, b"").decode(), type_meta.get(2, b"").decode()
     if kind not in _PB_KINDS:
         raise ApiError(415, "UnsupportedMediaType", f"this fake cannot decode a protobuf {kind or 'message'}")
-    return {"apiVersion": api_version, "kind": kind, **_pb_message(unknown.get(2, b""), _PB_KINDS[kind])}  # type: ignore
+    return {"apiVersion": api_version, "kind": kind, **_pb_message(unknown.get(2, b""), _PB_KINDS[kind])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ class Watcher:
         if change.res.qualified != self.res.qualified:
             return None
         if change.new is None:
-            return ("DELETED", change.old) if self.matches(change.old) else None  # type: ignore[return-value]
+            return ("DELETED", change.old) if change.old is not None and self.matches(change.old) else None
         was, now = self.matches(change.old), self.matches(change.new)
         if now:
             return ("MODIFIED" if was else "ADDED", change.new)
@@ -752,8 +753,8 @@ class FakeKubeAPI:
                  crds: Sequence[Path] | None = None, operator: bool = True, history: int = 1000) -> None:
         self.port = port
         self.token = token
-        self._cert: tuple[bytes, bytes] | None = _self_signed_cert() if (token is not None if tls is None else tls) \
-            else None
+        use_tls = token is not None if tls is None else tls
+        self._cert: tuple[bytes, bytes] | None = _self_signed_cert() if use_tls else None
         self.store = Store(history)
         self.requests: collections.deque[str] = collections.deque(maxlen=5000)  # "METHOD /path?query content-type"
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tests.fake_kube_api import EVENTS, PODS, SERVICES, ApiError, Change, Obj, now_iso
+from tests.fake_kube_api import EVENTS, NODES, PODS, SERVICES, ApiError, Change, Obj, now_iso
 
 if TYPE_CHECKING:
     from tests.fake_kube_api import FakeKubeAPI, Resource
@@ -64,6 +64,10 @@ class FakeKubeRayOperator:
         self._dirty: set[tuple[str, str]] = set()  # RayClusters to reconcile
         self._task: asyncio.Task[None] | None = None
         self.store.listeners.append(self._on_change)
+        if self.store.find(NODES, None, NODE) is None:  # where the fake scheduler puts every pod
+            self.store.create(NODES, {"metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
+                                      "status": {"conditions": [_condition("Ready", True, "KubeletReady")],
+                                                 "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
 
     # -- test controls (any thread) ------------------------------------------------------------------------------
     def keep_pending(self, *, namespace: str | None = "default", cluster: str | None = None,

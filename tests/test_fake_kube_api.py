@@ -108,6 +108,8 @@ def test_helm_install_upgrade_uninstall(helm: Helm, kube: FakeKubeAPI, charts_di
     helm("upgrade", "--install", "raycluster", chart, "--wait", "--timeout", "60s")
 
     assert kube.get("rayclusters", RAYCLUSTER) is not None
+    crd = kube.get("customresourcedefinitions", "rayclusters.ray.io", None)
+    assert crd and crd["spec"]["names"]["kind"] == "RayCluster"
     release = kube.get("secrets", "sh.helm.release.v1.raycluster.v1")
     assert release and release["metadata"]["labels"]["owner"] == "helm"
     assert any(r.startswith("POST /api/v1/namespaces/default/secrets application/vnd.kubernetes.protobuf")
@@ -212,6 +214,8 @@ def test_watch_sees_pods_go_pending_to_ready(kube: FakeKubeAPI) -> None:
     assert head.metadata.labels["team"] == "ml" and head.metadata.annotations == {"note": "copied"}
     assert head.spec.node_selector == {"gpu": "a100"} and head.spec.tolerations[0].key == "gpu"
     assert head.metadata.owner_references[0].kind == "RayCluster"
+    node = v1.read_node(head.spec.node_name)
+    assert [(c.type, c.status) for c in node.status.conditions] == [("Ready", "True")]
     svc = v1.read_namespaced_service("rc-head-svc", "default")
     assert {p.name: p.port for p in svc.spec.ports} == {"client": 10001, "dashboard": 8265, "gcs-server": 6379,
                                                         "metrics": 8080}
