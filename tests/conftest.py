@@ -8,4 +8,4 @@ from hpcray.state import QUIET_ENV
 
 os.environ.update(QUIET_ENV)
 
-pytest_plugins: list[str] = ["tests.fixtures_tools", "tests.fixtures_slurm"]
+pytest_plugins: list[str] = ["tests.fixtures_tools", "tests.fixtures_slurm", "tests.fixtures_servers"]

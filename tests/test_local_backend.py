@@ -1,0 +1,159 @@
+"""The local backend against real Ray and a real MLflow server: up, a job, down, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hpcray.backends import local
+from hpcray.backends.local import find_leftovers
+from hpcray.errors import ClusterError
+from hpcray.secrets import Secret
+from tests.fixtures_servers import START_TIMEOUT_S, RayHead, local_backend, local_profile
+
+pytestmark = pytest.mark.slow
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def cmdlines_containing(value: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if value.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def files_containing(root: Path, value: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and value.encode() in p.read_bytes()]
+
+
+def run_job(address: str, entrypoint: str) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=entrypoint)
+    deadline = time.monotonic() + 120
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.monotonic() < deadline, f"job {job} still {status} after 120 s"
+        time.sleep(0.3)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs
+    return logs
+
+
+def test_up_runs_a_job_with_the_secret_env_and_down_leaves_nothing(tmp_path: Path, ray_head: RayHead) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    value = secrets.token_urlsafe(24)
+    backend = local_backend(local_profile("jobs"), tmp_path / "state")
+    lines: list[str] = []
+
+    t0 = time.monotonic()
+    status = backend.up(timeout=START_TIMEOUT_S, progress=lines.append, env={"SOME_VAR": Secret(value)})
+    print(f"up: {time.monotonic() - t0:.1f} s", *lines, sep="\n  ")
+    address = backend.address()
+    assert status.ready and status.address == address and address != ray_head.address
+    assert [(n.role, n.phase) for n in status.nodes] == [("head", "Ready")]
+    assert answers(address + "/api/version")
+
+    again = backend.up(timeout=START_TIMEOUT_S, progress=lines.append)
+    assert again.address == address and again.details["pid"] == status.details["pid"]
+
+    logs = run_job(address, """python -c "import os, sys; print(sys.executable, os.environ['SOME_VAR'])" """)
+    assert f"{os.path.dirname(sys.executable)}/python {value}" in logs
+
+    assert cmdlines_containing(value) == []
+    assert files_containing(backend.dir, value) == []
+    assert oct(os.stat(status.details["temp_dir"]).st_mode & 0o777) == "0o700"
+
+    # A job's entrypoint runs in a session of its own and outlives Ray's own shutdown: down must stop it too.
+    marker = f"hpcray-test-{secrets.token_hex(4)}"
+    client = JobSubmissionClient(address)
+    client.submit_job(entrypoint=f"python -c 'import time; time.sleep(600)' {marker}")
+    deadline = time.monotonic() + 60
+    while not cmdlines_containing(marker):
+        assert time.monotonic() < deadline, "the sleeping job did not start within 60 s"
+        time.sleep(0.3)
+
+    temp_dir = status.details["temp_dir"]
+    t0 = time.monotonic()
+    assert backend.down(progress=lines.append) is True
+    print(f"down: {time.monotonic() - t0:.1f} s")
+    assert find_leftovers(temp_dir) == []
+    assert cmdlines_containing(marker) == [], "a job's process outlived down"
+    assert not os.path.exists(temp_dir)
+    with pytest.raises(ClusterError, match="no local cluster 'jobs' is up"):
+        backend.address()
+    assert backend.down(progress=lines.append) is False
+    assert not backend.status().exists
+
+    assert answers(ray_head.address + "/api/version"), "down of one local cluster stopped another"
+    assert find_leftovers(ray_head.backend.status().details["temp_dir"])
+
+
+def test_local_mlflow_server_starts_and_stops_with_the_cluster(tmp_path: Path) -> None:
+    backend = local_backend(local_profile("tracked", mlflow_server=True), tmp_path / "state")
+    t0 = time.monotonic()
+    status = backend.up(timeout=START_TIMEOUT_S, progress=print)
+    print(f"up with mlflow: {time.monotonic() - t0:.1f} s")
+    uri = status.details["mlflow_uri"]
+    assert uri.startswith("http://127.0.0.1:") and backend.tracking_uri() == uri
+    assert answers(uri + "/health")
+
+    backend.down(progress=print)
+    assert not answers(uri + "/health")
+    assert backend.tracking_uri() is None
+    assert find_leftovers(status.details["temp_dir"]) == []
+
+
+def test_a_head_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ray_argv = local._ray_argv
+    monkeypatch.setattr(local, "_ray_argv", lambda *args: [*ray_argv(*args), "--no-such-option"])
+    backend = local_backend(local_profile("broken"), tmp_path / "state")
+    with pytest.raises(ClusterError, match=r"(?s)exited while starting.*head\.log.*--no-such-option"):
+        backend.up(timeout=START_TIMEOUT_S, progress=print)
+    assert not (backend.dir / "local.json").exists()
+    assert find_leftovers(backend.temp_dir) == []
+
+
+def test_a_stale_state_file_is_cleaned_up(tmp_path: Path) -> None:
+    backend = local_backend(local_profile("stale"), tmp_path / "state")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (backend.dir / "local.json").write_text(json.dumps(
+        {"pid": dead.pid, "temp_dir": backend.temp_dir, "ports": {"dashboard-port": 1}, "started_at": 0}))
+
+    status = backend.status()
+    assert status.exists and not status.ready and status.nodes[0].phase == "Failed"
+    with pytest.raises(ClusterError, match="no local cluster 'stale' is up"):
+        backend.address()
+    assert backend.down(progress=print) is True
+    assert not (backend.dir / "local.json").exists()
+    assert backend.down(progress=print) is False
+
+
+def test_a_busy_dashboard_port_is_refused(tmp_path: Path, ray_head: RayHead) -> None:
+    busy = int(ray_head.address.rsplit(":", 1)[1])
+    backend = local_backend(local_profile("busy", dashboard_port=busy), tmp_path / "state")
+    with pytest.raises(ClusterError, match=f"dashboard port {busy} is in use"):
+        backend.up(timeout=START_TIMEOUT_S, progress=print)
+    assert not backend.status().exists
