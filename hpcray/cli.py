@@ -181,6 +181,216 @@ def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Jobs (hpcray.jobs): Ray's vocabulary — submit, logs, stop, list, job-status — against any Ray cluster
+# ---------------------------------------------------------------------------------------------------------------
+
+address_option = click.option(
+    "--address", metavar="URL", envvar="RAY_API_SERVER_ADDRESS",
+    help="Ray Jobs API (dashboard) address of any Ray cluster: local head, port-forward, ingress, e.g. "
+         "http://127.0.0.1:8265 ($RAY_API_SERVER_ADDRESS). Default: the profile's cluster.")
+
+
+def _jobs_api(profile_ref: str, address: str | None, profile: Any = None) -> Any:
+    """The Jobs API at --address, else of the profile's cluster (loaded from profile_ref unless given)."""
+    from hpcray.jobs import JobsApi
+
+    if address:
+        return JobsApi(address)
+    from hpcray.backends import backend_for
+    from hpcray.profile import load_profile
+
+    return JobsApi(backend_for(profile or load_profile(profile_ref)).address())
+
+
+def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    from hpcray.jobs import check_env_names
+
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not K=V", param_hint="--env")
+        env[name] = value
+    check_env_names(env, "--env")
+    return env
+
+
+class _EntrypointCommand(click.Command):
+    """Remembers whether the arguments came after `--`: `submit JOB` names a profile job, `submit -- CMD` runs CMD."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["hpcray.entrypoint"] = "--" in args
+        return super().parse_args(ctx, args)
+
+
+def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: Any) -> str:
+    """Follow the job to its end and say how it ended; on Ctrl-C stop it or detach (as on_interrupt says), exit 130."""
+    from hpcray import jobs
+
+    try:
+        info = jobs.follow(api, job_id, out)
+        status = str(info["status"])
+        message = str(info.get("message") or "")
+        if status == "FAILED" and message:
+            echo_err(message.rstrip())
+        echo_err(f"job {job_id} {status}")
+        return status
+    except KeyboardInterrupt:
+        if on_interrupt == "stop":
+            echo_err(f"hpcray: interrupted; stopping job {job_id} …")
+            echo_err(f"hpcray: job {job_id} {jobs.stop(api, job_id)}")
+        else:
+            echo_err(f"hpcray: interrupted; job {job_id} keeps running: hpcray logs -f {job_id}")
+        sys.exit(130)
+
+
+@cli.command(cls=_EntrypointCommand)
+@profile_option
+@address_option
+@click.argument("job_args", metavar="[JOB | -- ENTRYPOINT...]", nargs=-1)
+@click.option("--working-dir", metavar="DIR", help="Directory uploaded with the job (replaces the job's).")
+@click.option("--requirements", metavar="FILE", help="pip requirements file installed for the job.")
+@click.option("--pip", multiple=True, metavar="PKG", help="pip package installed for the job (repeatable).")
+@click.option("--wheel", "wheels", multiple=True, metavar="PATH",
+              help="A .whl file, or a project directory built with `pip wheel`, shipped in the working dir and "
+                   "installed for the job (repeatable).")
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V",
+              help="Job environment variable (repeatable); names with PASSWORD, TOKEN or SECRET are refused.")
+@click.option("--runtime-env-json", metavar="JSON", help="Extra runtime_env fields, as for `ray job submit`.")
+@click.option("--num-cpus", "--entrypoint-num-cpus", "num_cpus", type=float, help="CPUs reserved for the entrypoint.")
+@click.option("--num-gpus", "--entrypoint-num-gpus", "num_gpus", type=float, help="GPUs reserved for the entrypoint.")
+@click.option("--submission-id", metavar="ID", help="The job's id (default: Ray makes one).")
+@click.option("--no-wait", is_flag=True, help="Print the submission id and return; don't follow the job.")
+@click.option("--on-interrupt", type=click.Choice(["stop", "detach"]), default="stop", show_default=True,
+              help="What Ctrl-C while following does: stop the job, or leave it running; then exit 130.")
+@json_option
+@click.pass_context
+def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: tuple[str, ...],
+           working_dir: str | None, requirements: str | None, pip: tuple[str, ...], wheels: tuple[str, ...],
+           env_pairs: tuple[str, ...], runtime_env_json: str | None, num_cpus: float | None, num_gpus: float | None,
+           submission_id: str | None, no_wait: bool, on_interrupt: str, as_json: bool) -> None:
+    """Submit a job to the profile's Ray cluster (or --address) and follow its logs until it ends.
+
+    \b
+    JOB is a job of the profile (`hpcray submit -p vega training`); after `--` comes any entrypoint
+    (`hpcray submit -p local -- python train.py --epochs 2`): one argument is a shell command as written,
+    several are quoted as an argv. MLflow credentials reach the job through the cluster's environment, never
+    its runtime_env, entrypoint or argv; the MLflow server, the credentials and write access to the experiment
+    are checked before anything is queued.
+
+    \b
+    Exit code mirrors the job: 0 SUCCEEDED, 1 FAILED, 3 STOPPED; 130 on Ctrl-C (which stops the job unless
+    --on-interrupt detach); 2 when nothing was submitted.
+    """
+    from dataclasses import replace
+
+    from hpcray import jobs
+    from hpcray.profile import load_profile
+    from hpcray.tracking import load_credentials, preflight
+
+    env = _env_pairs(env_pairs)
+    extra_env: dict[str, Any] = {}
+    if runtime_env_json:
+        try:
+            extra_env = dict(json.loads(runtime_env_json))
+        except (ValueError, TypeError):
+            raise click.BadParameter("not a JSON object", param_hint="--runtime-env-json") from None
+    p = load_profile(profile_ref)
+    if ctx.meta["hpcray.entrypoint"]:
+        if not job_args:
+            raise click.UsageError("give the entrypoint after `--`, e.g. -- python train.py")
+        name, argv = None, list(job_args)
+    elif len(job_args) == 1:
+        name, argv = job_args[0], []
+    else:
+        raise click.UsageError("give one JOB of the profile, or an entrypoint after `--` "
+                               "(hpcray submit -p PROFILE -- python train.py)")
+    spec = jobs.with_overrides(jobs.job_spec(p, name, argv), working_dir=working_dir, requirements=requirements,
+                               pip=pip, wheels=wheels, env=env, num_cpus=num_cpus, num_gpus=num_gpus)
+    if extra_env:
+        spec = replace(spec, runtime_env={**spec.runtime_env, **extra_env})
+    credentials = load_credentials(p)
+    sub = jobs.build_submission(p, spec, name=name, credentials=credentials, submission_id=submission_id,
+                                warn=echo_err)
+    preflight(p, credentials)
+    api = _jobs_api(profile_ref, address, p)
+    job_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=echo_err, warn=echo_err)
+    if no_wait:
+        if as_json:
+            print_json({"submission_id": job_id, "address": api.address})
+        else:
+            click.echo(job_id)
+            echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
+        return
+    echo_err(f"submitted job {job_id} to {api.address}; Ctrl-C {'stops' if on_interrupt == 'stop' else 'detaches'}")
+    status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout)
+    if as_json:
+        print_json({"submission_id": job_id, "address": api.address, "status": status})
+    sys.exit(jobs.exit_code(status))
+
+
+@cli.command()
+@profile_option
+@address_option
+@click.argument("job_id", metavar="ID")
+@click.option("-f", "--follow", is_flag=True, help="Follow the logs until the job ends; exit code mirrors the job.")
+def logs(profile_ref: str, address: str | None, job_id: str, follow: bool) -> None:
+    """Print a job's logs (like `ray job logs`)."""
+    from hpcray import jobs
+
+    api = _jobs_api(profile_ref, address)
+    if not follow:
+        click.echo(api.logs(job_id), nl=False)
+        return
+    status = _follow_or_interrupt(api, job_id, None, sys.stdout)
+    sys.exit(jobs.exit_code(status))
+
+
+@cli.command()
+@profile_option
+@address_option
+@click.argument("job_id", metavar="ID")
+@click.option("--no-wait", is_flag=True, help="Ask Ray to stop the job and return at once.")
+def stop(profile_ref: str, address: str | None, job_id: str, no_wait: bool) -> None:
+    """Stop a job (SIGTERM, then SIGKILL) and wait until it has stopped."""
+    from hpcray import jobs
+
+    click.echo(f"job {job_id} {jobs.stop(_jobs_api(profile_ref, address), job_id, wait=not no_wait)}")
+
+
+@cli.command("list")
+@profile_option
+@address_option
+@json_option
+def list_cmd(profile_ref: str, address: str | None, as_json: bool) -> None:
+    """List the cluster's jobs (secret-looking env var values shown as ******)."""
+    from hpcray import jobs
+
+    found = jobs.list_jobs(_jobs_api(profile_ref, address))
+    if as_json:
+        print_json(found)
+    else:
+        for line in jobs.job_lines(found):
+            click.echo(line)
+
+
+@cli.command("job-status")
+@profile_option
+@address_option
+@click.argument("job_id", metavar="ID")
+@json_option
+def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
+    """A job's status and Ray's message about it (like `ray job status`)."""
+    from hpcray import jobs
+
+    info = jobs.status_of(_jobs_api(profile_ref, address), job_id)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"job {job_id}: {info['status']}" + (f" ({info['message']})" if info.get("message") else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Cluster lifecycle: up, down, status, gc, dashboard (hpcray.backends; KubeRay through helm + the kubernetes client)
 # ---------------------------------------------------------------------------------------------------------------
 

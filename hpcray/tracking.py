@@ -7,9 +7,9 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from hpcray.errors import CredentialsError
+from hpcray.errors import CredentialsError, TrackingError
 from hpcray.profile import Profile
 from hpcray.secrets import Secret
 
@@ -81,3 +81,125 @@ def read_credentials_stdin(stream: TextIO) -> Credentials:
         raise CredentialsError("mlflow.credentials is 'stdin' but no username and password were given; pipe two "
                                "lines (username, then password) or run in a terminal to be prompted")
     return Credentials(user.strip(), Secret(password))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preflight: plain HTTP against MLflow's REST API (no `import mlflow`, no telemetry), credentials in headers only
+# ---------------------------------------------------------------------------------------------------------------
+
+PREFLIGHT_RUN = "hpcray-preflight"
+
+
+class _Mlflow:
+    """Just the REST calls the preflight makes."""
+
+    def __init__(self, uri: str, credentials: Credentials | None, timeout: float) -> None:
+        self.uri, self.credentials, self.timeout = uri.rstrip("/"), credentials, timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        import base64
+        import json
+        import urllib.error
+        import urllib.request
+
+        # MLflow's basic-auth app answers 401 to a GET that carries a JSON Content-Type: set it only with a body.
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.credentials is not None:
+            pair = f"{self.credentials.username}:{self.credentials.password.reveal()}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=data, method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                status, text = response.status, response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode("utf-8", "replace")
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"the MLflow server at {self.uri} does not answer ({reason}); check "
+                                f"mlflow.tracking_uri and that the server is up") from None
+        if status == 401 and self.credentials is None:
+            raise TrackingError(f"the MLflow server at {self.uri} requires a login (401); set mlflow.credentials in "
+                                f"the profile (env, file or stdin)")
+        if status == 401:
+            raise TrackingError(f"the MLflow server at {self.uri} rejected user '{self.credentials.username}' (401: "
+                                f"wrong username or password); check {USERNAME_VAR}/{PASSWORD_VAR} or the profile's "
+                                f"mlflow.credentials source")
+        try:
+            return status, json.loads(text) if text.strip() else {}
+        except ValueError:
+            if status != 200:
+                return status, {"message": text.strip()[:200]}
+            raise TrackingError(f"{self.uri} answered with something other than MLflow's JSON; is "
+                                f"mlflow.tracking_uri the MLflow server itself?") from None
+
+    def experiment(self, name: str) -> dict[str, Any] | None:
+        status, body = self.lookup(name)
+        if status == 404:
+            return None
+        self.expect(status, body, f"reading experiment '{name}'", name)
+        return dict(body["experiment"])
+
+    def lookup(self, name: str) -> tuple[int, dict[str, Any]]:
+        from urllib.parse import quote
+
+        return self.call("GET", f"experiments/get-by-name?experiment_name={quote(name)}")
+
+    def expect(self, status: int, body: dict[str, Any], doing: str, experiment: str) -> None:
+        if status == 403 and doing.startswith("creating experiment"):
+            raise TrackingError(f"{self.who()} may not create MLflow experiment '{experiment}' on {self.uri} (403); "
+                                f"ask its admin for one, or set mlflow.experiment to one you may write to")
+        if status == 403:
+            raise TrackingError(f"{self.who()} may not write to MLflow experiment '{experiment}' (403: it belongs to "
+                                f"someone else); set mlflow.experiment to a free name such as "
+                                f"'{self.free_name(experiment)}'")
+        if status != 200:
+            raise TrackingError(f"{doing} on {self.uri} failed ({status}: {body.get('message', body)})")
+
+    def who(self) -> str:
+        return f"user '{self.credentials.username}'" if self.credentials else "an anonymous user"
+
+    def free_name(self, experiment: str) -> str:
+        import getpass
+
+        base = f"{experiment}-{self.credentials.username if self.credentials else getpass.getuser()}"
+        candidates = [base] + [f"{base}-{i}" for i in range(2, 6)]
+        return next((c for c in candidates if self.lookup(c)[0] == 404), f"{base}-{os.getpid()}")
+
+
+def preflight(p: Profile, credentials: Credentials | None, *, timeout: float = 10.0) -> None:
+    """Before anything is queued: the MLflow server answers, accepts the credentials, and lets this user write.
+
+    Write access is measured, not inferred: an experiment of another user with the default READ permission lets
+    `set_experiment` succeed and then `start_run` fail 403, so a run is created and deleted (named
+    hpcray-preflight). A missing experiment is created, as the job would. Local stores (sqlite:, file:) pass.
+    """
+    uri = p.mlflow.tracking_uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).password is not None:
+        raise TrackingError("mlflow.tracking_uri carries a password; remove it from the URL (it would show in job "
+                            "entrypoints and argv) and use mlflow.credentials")
+    api = _Mlflow(uri, credentials, timeout)
+    name = p.mlflow.experiment
+    experiment = api.experiment(name)
+    if experiment is None:
+        status, body = api.call("POST", "experiments/create", {"name": name})
+        if status == 200:
+            return  # the creator of an experiment may write to it
+        experiment = api.experiment(name)  # created meanwhile by someone else (RESOURCE_ALREADY_EXISTS)
+        if experiment is None:
+            api.expect(status, body, f"creating experiment '{name}'", name)
+            return
+    if experiment.get("lifecycle_stage") == "deleted":
+        raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it (`mlflow experiments restore`) or "
+                            f"set mlflow.experiment to another name")
+    status, body = api.call("POST", "runs/create", {
+        "experiment_id": experiment["experiment_id"], "run_name": PREFLIGHT_RUN,
+        "tags": [{"key": "mlflow.runName", "value": PREFLIGHT_RUN}]})
+    api.expect(status, body, f"creating a run in experiment '{name}'", name)
+    status, body = api.call("POST", "runs/delete", {"run_id": body["run"]["info"]["run_id"]})
+    api.expect(status, body, f"deleting the preflight run in experiment '{name}'", name)

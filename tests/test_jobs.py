@@ -1,0 +1,406 @@
+"""hpcray submit / logs / stop / list / job-status against a real Ray head (the session's `ray_head`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpcray import jobs
+from hpcray.errors import ClusterNotReady, RayVersionError
+from hpcray.profile import ItwinaiSpec, JobSpec, load_profile
+from hpcray.state import QUIET_ENV
+
+pytestmark = pytest.mark.slow
+HPCRAY = str(Path(sys.executable).parent / "hpcray")
+
+
+def hpcray(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HPCRAY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **QUIET_ENV, **(env or {})})
+
+
+def popen_hpcray(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([HPCRAY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **QUIET_ENV, **(env or {})})
+
+
+def uid(prefix: str) -> str:
+    """A submission id no other run on the same head has used."""
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hpcray: error: "), stderr
+    return lines[0]
+
+
+def wait_status(api: jobs.JobsApi, job_id: str, wanted: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = str(api.info(job_id)["status"])
+        except jobs.JobNotFound:
+            status = "NOT-YET"
+        if status in wanted:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {wanted}")
+
+
+def job_ids(api: jobs.JobsApi) -> set[str]:
+    return {j["submission_id"] for j in api.list() if j.get("submission_id")}
+
+
+def write_profile(directory: Path, mlflow: dict[str, Any] | None = None, jobs_: dict[str, Any] | None = None) -> Path:
+    """A local-backend profile; the tests reach its cluster with --address."""
+    import yaml
+
+    data = {"name": "jobs-test", "backend": "local", "image": {"ray_version": "2.60.0"},
+            "mlflow": mlflow or {"credentials": "none"}, "jobs": jobs_ or {}}
+    path = directory / "profile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def api(ray_head: Any) -> jobs.JobsApi:
+    return jobs.JobsApi(ray_head.address)
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hpcray's state (the package cache) of each test, for it and the hpcray processes it starts."""
+    monkeypatch.setenv("HPCRAY_STATE_DIR", str(tmp_path / "state"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Following jobs, exit codes, Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_submit_follows_a_1s_job_and_returns_soon_after_it_ends(ray_head: Any, api: jobs.JobsApi) -> None:
+    job_id = uid("follow-1s")
+    done = hpcray("submit", "--address", ray_head.address, "--submission-id", job_id, "--",
+                  "echo start; sleep 1; echo end")
+    returned = time.time()
+    assert done.returncode == 0, done.stderr
+    assert "start" in done.stdout and "end" in done.stdout
+    assert f"job {job_id} SUCCEEDED" in done.stderr
+    ended = api.info(job_id)["end_time"] / 1000
+    assert returned - ended < 3.0, "submit should return promptly, not wait for Ray's log tail to close"
+
+
+@pytest.mark.parametrize(("command", "code", "status"), [("exit 0", 0, "SUCCEEDED"), ("echo oops; exit 7", 1,
+                                                                                            "FAILED")])
+def test_exit_code_mirrors_the_job(ray_head: Any, command: str, code: int, status: str) -> None:
+    done = hpcray("submit", "--address", ray_head.address, "--", command)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.rstrip().endswith(status)
+
+
+def test_stop_ends_a_followed_job_with_exit_3(ray_head: Any, api: jobs.JobsApi) -> None:
+    job_id = uid("to-stop")
+    follower = popen_hpcray("submit", "--address", ray_head.address, "--submission-id", job_id, "--", "sleep 60")
+    wait_status(api, job_id, {"RUNNING"})
+    stopped = hpcray("stop", "--address", ray_head.address, job_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.strip() == f"job {job_id} STOPPED"
+    assert follower.wait(timeout=30) == 3
+
+
+@pytest.mark.parametrize(("mode", "after"), [("stop", "STOPPED"), ("detach", "RUNNING")])
+def test_ctrl_c_while_following_stops_or_detaches(ray_head: Any, api: jobs.JobsApi, mode: str, after: str) -> None:
+    job_id = uid(f"ctrl-c-{mode}")
+    extra = [] if mode == "stop" else ["--on-interrupt", "detach"]  # stop is the default
+    follower = popen_hpcray("submit", "--address", ray_head.address, "--submission-id", job_id, *extra, "--",
+                            "sleep 60")
+    wait_status(api, job_id, {"RUNNING"})
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 130, err
+    assert api.info(job_id)["status"] == after
+    if mode == "detach":
+        assert f"hpcray logs -f {job_id}" in err
+        api.stop(job_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --no-wait, logs, list, job-status, unknown ids
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_no_wait_prints_the_id_then_logs_list_and_status_find_it(ray_head: Any) -> None:
+    address = ["--address", ray_head.address]
+    submitted = hpcray("submit", *address, "--no-wait", "--", "echo one; sleep 1; echo two")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("raysubmit_") and "\n" not in job_id
+
+    followed = hpcray("logs", "-f", *address, job_id)
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout.index("one") < followed.stdout.index("two")
+    assert "two" in hpcray("logs", *address, job_id).stdout
+
+    listed = json.loads(hpcray("list", *address, "--json").stdout)
+    assert {j["submission_id"]: j["status"] for j in listed if j.get("submission_id")}[job_id] == "SUCCEEDED"
+    assert job_id in hpcray("list", *address).stdout
+    status = hpcray("job-status", *address, job_id)
+    assert status.returncode == 0 and status.stdout.startswith(f"job {job_id}: SUCCEEDED")
+    assert json.loads(hpcray("job-status", *address, job_id, "--json").stdout)["status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("command", [["logs"], ["logs", "-f"], ["stop"], ["job-status"]])
+def test_unknown_job_id_is_one_line_exit_2(ray_head: Any, command: list[str]) -> None:
+    done = hpcray(*command, "--address", ray_head.address, "no-such-job")
+    assert done.returncode == 2
+    assert "no job 'no-such-job'" in one_error_line(done.stderr)
+
+
+def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
+    done = hpcray("list", "--address", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 2
+    assert "cannot reach the Ray Jobs API" in one_error_line(done.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What goes into the job: profile jobs, env, working dir, wheels, metadata
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_profile_job_gets_its_working_dir_env_and_metadata(ray_head: Any, api: jobs.JobsApi, tmp_path: Path) -> None:
+    wd = tmp_path / "code"
+    wd.mkdir()
+    (wd / "show.py").write_text("import os\nfor k in ('EPOCHS', 'EXTRA', 'MLFLOW_DISABLE_TELEMETRY', "
+                                "'MLFLOW_EXPERIMENT_NAME'):\n    print(k, os.environ.get(k))\n")
+    subprocess.run(["git", "init", "-q", str(wd)], check=True)
+    subprocess.run(["git", "-C", str(wd), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    profile = write_profile(tmp_path, {"tracking_uri": "sqlite:////tmp/unused.db", "experiment": "exp-a",
+                                       "credentials": "none"},
+                            {"show": {"entrypoint": "python show.py", "working_dir": "code", "env": {"EPOCHS": "5"}}})
+    job_id = uid("profile-job")
+    done = hpcray("submit", "-p", str(profile), "--address", ray_head.address, "--env", "EXTRA=yes",
+                  "--submission-id", job_id, "show")
+    assert done.returncode == 0, done.stderr
+    for line in ("EPOCHS 5", "EXTRA yes", "MLFLOW_DISABLE_TELEMETRY true", "MLFLOW_EXPERIMENT_NAME exp-a"):
+        assert line in done.stdout
+    metadata = api.info(job_id)["metadata"]
+    head = subprocess.run(["git", "-C", str(wd), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert metadata == {"profile": "jobs-test", "job": "show", "user": metadata["user"], "git_commit": head}
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "DB_PASSWORD", "AWS_SECRET_ACCESS_KEY"])
+def test_secret_looking_env_is_refused_before_submitting(ray_head: Any, api: jobs.JobsApi, name: str) -> None:
+    before = job_ids(api)
+    done = hpcray("submit", "--address", ray_head.address, "--env", f"{name}=x", "--", "true")
+    assert done.returncode == 2
+    assert "mlflow.credentials" in one_error_line(done.stderr)
+    assert job_ids(api) == before
+    assert not jobs.is_secret_name("TOKENIZERS_PARALLELISM")
+
+
+def test_working_dir_over_rays_limit_is_refused_before_uploading(ray_head: Any, api: jobs.JobsApi,
+                                                                  tmp_path: Path) -> None:
+    wd = tmp_path / "big"
+    wd.mkdir()
+    (wd / "data.bin").write_bytes(os.urandom(3 * 2**20))
+    (wd / "main.py").write_text("print('small')\n")
+    small_limit = {"RAY_max_grpc_message_size": str(2**20)}
+    before = job_ids(api)
+    done = hpcray("submit", "--address", ray_head.address, "--working-dir", str(wd), "--", "python main.py",
+                  env=small_limit)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "over Ray's upload limit of 1 MiB" in line and "data.bin (3 MiB)" in line
+    assert job_ids(api) == before
+
+    (wd / ".rayignore").write_text("data.bin\n")
+    done = hpcray("submit", "--address", ray_head.address, "--working-dir", str(wd), "--", "python main.py",
+                  env=small_limit)
+    assert done.returncode == 0 and "small" in done.stdout, done.stderr
+
+
+def test_wheels_are_shipped_inside_the_working_dir(ray_head: Any, api: jobs.JobsApi, tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "demo_pkg").mkdir(parents=True)
+    (project / "demo_pkg" / "__init__.py").write_text("VALUE = 42\n")
+    (project / "setup.py").write_text("from setuptools import setup\nsetup(name='demo-pkg', version='0.1', "
+                                      "packages=['demo_pkg'])\n")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "main.py").write_text("print('main')\n")
+    runtime_env: dict[str, Any] = {"working_dir": str(wd), "pip": ["requests"]}
+    jobs.stage_wheels(runtime_env, [project], tmp_path / "stage")
+
+    wheel = "demo_pkg-0.1-py3-none-any.whl"
+    assert runtime_env["pip"] == ["requests", f"${{RAY_RUNTIME_ENV_CREATE_WORKING_DIR}}/_hpcray_wheels/{wheel}"]
+    assert sorted(os.listdir(wd)) == ["main.py"], "the user's working dir is left alone"
+    # Installing needs Ray's pip plugin, which clones the whole virtualenv (~20 s here): instead import the shipped
+    # wheel straight from the job's working dir (a pure-Python wheel is importable as a zip).
+    del runtime_env["pip"]
+    sub = jobs.Submission(f"PYTHONPATH=_hpcray_wheels/{wheel} python -c 'import demo_pkg; print(demo_pkg.VALUE)' "
+                          "&& python main.py", runtime_env, submission_id=uid("wheel-job"))
+    job_id = jobs.submit(api, sub, image_ray_version=None, progress=lambda _: None, warn=lambda _: None)
+    wait_status(api, job_id, set(jobs.TERMINAL))
+    logs = api.logs(job_id)
+    assert "42" in logs and "main" in logs
+
+
+@pytest.mark.skipif(not os.environ.get("HPCRAY_TEST_PIP"), reason="Ray's pip plugin clones the venv (~30 s); "
+                                                                  "set HPCRAY_TEST_PIP=1 to run")
+def test_wheel_is_pip_installed_for_the_job(ray_head: Any, tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "demo_pkg").mkdir(parents=True)
+    (project / "demo_pkg" / "__init__.py").write_text("VALUE = 42\n")
+    (project / "setup.py").write_text("from setuptools import setup\nsetup(name='demo-pkg', version='0.1', "
+                                      "packages=['demo_pkg'])\n")
+    done = hpcray("submit", "--address", ray_head.address, "--wheel", str(project), "--",
+                  "python -c 'import demo_pkg; print(demo_pkg.VALUE)'", timeout=300)
+    assert done.returncode == 0 and "42" in done.stdout, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reaching the cluster: waiting for its Jobs API, Ray versions, no `import ray` on the quick path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def forward_later(port: int, target: str, delay: float) -> threading.Thread:
+    """A port-forward that comes up after `delay` seconds, like `kubectl port-forward` to a starting head."""
+    host, target_port = target.split("//")[1].split(":")
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        with a, b:
+            while data := a.recv(65536):
+                b.sendall(data)
+
+    def serve() -> None:
+        time.sleep(delay)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            server.settimeout(30)
+            while True:
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    return
+                upstream = socket.create_connection((host, int(target_port)))
+                threading.Thread(target=pipe, args=(client, upstream.dup()), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client.dup()), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_submit_waits_for_a_jobs_api_that_is_not_up_yet(ray_head: Any) -> None:
+    port = free_port()
+    forward_later(port, ray_head.address, delay=2.0)
+    done = hpcray("submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", "true")
+    assert done.returncode == 0, done.stderr
+    assert "waiting for the Ray Jobs API" in done.stderr
+    assert done.stdout.strip().startswith("raysubmit_")
+
+
+def test_waiting_for_the_jobs_api_is_bounded() -> None:
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(ClusterNotReady, match="did not answer within 1 s"):
+        jobs.wait_for_api(jobs.JobsApi(f"127.0.0.1:{free_port()}"), 1.0, said.append)
+    assert time.monotonic() - start < 3 and said
+
+
+def test_ray_versions_major_mismatch_errors_minor_warns() -> None:
+    warnings: list[str] = []
+    jobs.check_versions("2.60.0", "2.60.1", "2.60.0", warnings.append)
+    assert warnings == []
+    jobs.check_versions("2.60.0", "2.59.0", None, warnings.append)
+    assert len(warnings) == 1 and "2.59.0" in warnings[0]
+    with pytest.raises(RayVersionError, match="image.ray_version has Ray 3.0.0"):
+        jobs.check_versions("2.60.0", "2.60.0", "3.0.0", warnings.append)
+
+
+def submit_no_wait(address: str, *args: str) -> tuple[str, bool]:
+    """The submission id, and whether `hpcray submit --no-wait` imported ray (about 0.7 s)."""
+    code = ("import sys\nfrom hpcray import cli\ntry:\n    cli.main(['submit', '--no-wait', *sys.argv[1:]])\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\nprint('ray' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, "--address", address, *args], capture_output=True, text=True,
+                          env={**os.environ, **QUIET_ENV}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    job_id, imported = done.stdout.split()
+    return job_id, imported == "True"
+
+
+def test_submit_no_wait_never_imports_ray(ray_head: Any) -> None:
+    assert submit_no_wait(ray_head.address, "--", "true")[1] is False
+
+
+def test_an_unchanged_working_dir_is_not_packaged_again(ray_head: Any, api: jobs.JobsApi, tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "main.py").write_text("print('first')\n")
+    runs = [submit_no_wait(ray_head.address, "--working-dir", str(wd), "--", "python main.py") for _ in range(2)]
+    assert [imported for _, imported in runs] == [True, False]
+    (wd / "main.py").write_text("print('second')\n")
+    job_id, imported = submit_no_wait(ray_head.address, "--working-dir", str(wd), "--", "python main.py")
+    assert imported, "a changed working dir is packaged again"
+    wait_status(api, job_id, set(jobs.TERMINAL))
+    assert "second" in api.logs(job_id)
+    assert api.info(runs[0][0])["runtime_env"]["working_dir"] == api.info(runs[1][0])["runtime_env"]["working_dir"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entrypoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_itwinai_entrypoint_is_quoted_and_carries_the_tracking_overrides(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, {"tracking_uri": "https://mlflow.example.org", "experiment":
+                                                    "hython hpo", "credentials": "none"}))
+    spec = ItwinaiSpec(config_name="config", config_path="cfg dir", pipe_key="hpo", overrides=["epochs=5"])
+    assert jobs.itwinai_entrypoint(spec, profile) == (
+        "itwinai exec-pipeline --config-path 'cfg dir' --config-name config +pipe_key=hpo "
+        "'experiment_name=hython hpo' tracking_uri=https://mlflow.example.org epochs=5")
+
+
+def test_entrypoint_argv_is_quoted_a_single_argument_is_a_shell_command(tmp_path: Path) -> None:
+    assert jobs.entrypoint_of(["python", "-c", "print('a b')"]) == "python -c 'print('\"'\"'a b'\"'\"')'"
+    assert jobs.entrypoint_of(["echo a; echo b"]) == "echo a; echo b"
+    profile = load_profile(write_profile(tmp_path))
+    spec = jobs.with_overrides(JobSpec(entrypoint="true"), requirements=str(_requirements(tmp_path)),
+                               pip=("numpy",))
+    sub = jobs.build_submission(profile, spec, name=None, credentials=None, warn=print)
+    assert sub.runtime_env["pip"] == ["scipy>=1", "numpy"]
+
+
+def _requirements(tmp_path: Path) -> Path:
+    path = tmp_path / "requirements.txt"
+    path.write_text("# pinned\nscipy>=1\n\n")
+    return path
+
+
+def test_a_given_wheel_is_copied_into_the_staged_working_dir(tmp_path: Path) -> None:
+    wheel = tmp_path / "given-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("given/__init__.py", "")
+    runtime_env: dict[str, Any] = {}
+    jobs.stage_wheels(runtime_env, [wheel], tmp_path)
+    assert runtime_env["pip"] == [f"${{RAY_RUNTIME_ENV_CREATE_WORKING_DIR}}/_hpcray_wheels/{wheel.name}"]
+    assert (Path(runtime_env["working_dir"]) / "_hpcray_wheels" / wheel.name).is_file()
