@@ -48,3 +48,20 @@ def test_reliability_table_is_fresh() -> None:
     done = subprocess.run([sys.executable, str(REPO / "tools" / "reliability_table.py"), "--check"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr + done.stdout
+
+
+def test_every_error_raised_in_hpcray_has_a_troubleshooting_entry() -> None:
+    import re
+
+    import hpcray.errors as errors
+
+    doc = (REPO / "docs" / "troubleshooting.md").read_text()
+    headings = "\n".join(line for line in doc.splitlines() if line.startswith("## "))
+    raised = set()
+    for source in (REPO / "hpcray").rglob("*.py"):
+        raised |= set(re.findall(r"raise ([A-Z]\w*)\(", source.read_text()))
+    public = {name for name in raised if isinstance(getattr(errors, name, None), type)
+              and issubclass(getattr(errors, name), errors.HpcrayError)}
+    assert {"ProfileError", "ClusterNotReady", "TrackingError"} <= public
+    missing = [name for name in sorted(public) if f"`{name}`" not in headings]
+    assert not missing, f"docs/troubleshooting.md has no section for {missing}"
