@@ -30,9 +30,8 @@ $(BIN)/helm: | $(BIN)/hpcray
 
 install: $(BIN)/hpcray $(BIN)/helm  ## create .venv with hpcray and its dependencies, and a real helm
 
-demo: install  ## render both example profiles (becomes the local training + HPO run once `hpcray run` lands)
-	$(BIN)/hpcray render --profile local
-	$(BIN)/hpcray render --profile vega
+demo: install  ## the main job: local Ray + MLflow, training then HPO, everything torn down
+	$(BIN)/hpcray run --profile local training hpo
 
 test: install .tools/helm3/helm .tools/helm4/helm  ## the test suite (real Ray, MLflow, helm 3+4, SLURM where installed)
 	HPCRAY_HELM3=$$PWD/.tools/helm3/helm HPCRAY_HELM4=$$PWD/.tools/helm4/helm $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -64,8 +63,9 @@ sif:  ## build the Ray image SIF (containers/ray.def) where apptainer or singula
 	@runtime=$$(command -v apptainer || command -v singularity) || { echo 'make sif: neither apptainer nor singularity is installed here; build on a machine with one (an HPC login node), or pull a published image with `hpcray pull --slurm`' >&2; exit 1; }; \
 	 mkdir -p $(dir $(SIF)) && set -x && "$$runtime" build $(SIF_BUILD_FLAGS) $(SIF) containers/ray.def
 
-docs: install  ## regenerate docs/profile.md from the profile schema
+docs: install  ## regenerate docs/profile.md (profile schema) and docs/RELIABILITY.md (reliability tests)
 	$(BIN)/hpcray profile --schema > docs/profile.md
+	$(BIN)/python tools/reliability_table.py
 
 clean:  ## remove the venv and downloaded tools
 	rm -rf $(VENV) .tools
