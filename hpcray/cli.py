@@ -425,7 +425,8 @@ def _print_cluster(status: Any) -> None:
     release = f" release {d['release_status']} rev {d['revision']}" if d.get("release_status") else ""
     click.echo(f"{status.name}: {status.backend}{where}{release}; "
                f"{'ready' if status.ready else 'not ready' if status.exists else 'absent'}; "
-               f"{ready_nodes}/{len(status.nodes)} pods Ready; {sum(n.gpus for n in status.nodes)} GPUs; "
+               f"{ready_nodes}/{len(status.nodes)} {'pods' if status.backend == 'kuberay' else 'Ray nodes'} Ready; "
+               f"{sum(n.gpus for n in status.nodes)} GPUs; "
                f"{_expiry(status.expires_at)}" + (f"; dashboard {status.address}" if status.address else ""))
     for n in status.nodes:
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"

@@ -120,14 +120,15 @@ def _api_problem(kube: Kube, what: str, exc: Any, namespace_check: bool) -> str:
     if exc.status == 404 and namespace_check:
         return (f"namespace '{kube.namespace}' does not exist at {kube.server}; create it (`kubectl create "
                 f"namespace {kube.namespace}`) or fix kubernetes.namespace")
-    return f"the Kubernetes API could not {what} ({exc.status} {_api_message(exc)})"
+    code = f"{exc.status} " if exc.status else ""  # 0 from the websocket client (port-forward)
+    return f"the Kubernetes API could not {what} ({code}{_api_message(exc)})"
 
 
 def _api_message(exc: Any) -> str:
     try:
         return str(json.loads(exc.body).get("message", exc.reason))
     except (TypeError, ValueError, AttributeError):
-        return str(exc.reason)
+        return str(exc.reason).split(" -+-+- ")[0]  # the websocket client appends headers and body this way
 
 
 def _network_reason(exc: BaseException) -> str:

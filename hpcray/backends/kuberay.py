@@ -103,7 +103,7 @@ class KubeRayBackend:
 
     def up(self, *, timeout: float, progress: Progress, env: dict[str, Secret | str] | None = None,
            ttl_s: float | None = None, down_on_failure: bool = False) -> ClusterStatus:
-        with lifecycle_lock(self.p.name, progress):
+        with lifecycle_lock(self.p.name, "up", progress):
             plan = self.plan(env=env, ttl_s=ttl_s, warn=progress)
             k = kube.connect(self.p)
             started = time.monotonic()
@@ -159,9 +159,11 @@ class KubeRayBackend:
         if watch.lost:
             parts.append(f"the Kubernetes API was unreachable at the end ({watch.lost})")
             return "; ".join(parts)
+        alike: dict[tuple[str, str, str], list[str]] = {}  # pods not ready for the same reason are named together
         for s in sorted(live, key=lambda s: (s.role != "head", s.name)):
             if not s.ready:
-                parts.append(f"{s.role} {s.name} {s.phase}: {self._why(k, s)}")
+                alike.setdefault((s.role, s.phase, self._why(k, s)), []).append(s.name)
+        parts += [f"{role} {', '.join(names)} {phase}: {why}" for (role, phase, why), names in alike.items()]
         missing = {"head": 1 - sum(s.role == "head" for s in live),
                    "worker": expected_workers - sum(s.role == "worker" for s in live)}
         if any(n > 0 for n in missing.values()):
@@ -233,7 +235,7 @@ class KubeRayBackend:
         return f"http://127.0.0.1:{info['port']}"
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
-        with lifecycle_lock(self.p.name, progress):
+        with lifecycle_lock(self.p.name, "down", progress):
             k = kube.connect(self.p)
             removed = helm.uninstall(helm.find_helm(), self.p)
             progress(f"uninstalled release {self.name} from namespace {k.namespace}" if removed else
@@ -433,7 +435,7 @@ def state_file(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def lifecycle_lock(name: str, progress: Progress) -> Iterator[None]:
+def lifecycle_lock(name: str, command: str, progress: Progress) -> Iterator[None]:
     """One `up`/`down` of a cluster at a time on this machine: a second one waits, and says for whom."""
     path = state_dir(name) / "lifecycle.lock"
     with open(path, "a+") as fh:
@@ -441,12 +443,13 @@ def lifecycle_lock(name: str, progress: Progress) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            progress(f"waiting for another hpcray command on {name} to finish (pid {holder})")
+            holder = fh.read().split() or ["?", "another command"]
+            progress(f"waiting for `hpcray {holder[1]}` of {name} (pid {holder[0]}) to finish; Ctrl-C it there, or "
+                     f"`kill {holder[0]}`")
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
         fh.truncate()
-        fh.write(str(os.getpid()))
+        fh.write(f"{os.getpid()} {command}")
         fh.flush()
         try:
             yield
