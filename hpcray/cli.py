@@ -230,9 +230,8 @@ def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: A
     try:
         info = jobs.follow(api, job_id, out)
         status = str(info["status"])
-        message = str(info.get("message") or "")
-        if status == "FAILED" and message:
-            echo_err(message.rstrip())
+        if status == "FAILED" and info.get("message"):
+            echo_err(jobs.failure_summary(str(info["message"])))
         echo_err(f"job {job_id} {status}")
         return status
     except KeyboardInterrupt:

@@ -676,6 +676,14 @@ def redact(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "runtime_env": {**job["runtime_env"], "env_vars": shown}}
 
 
+def failure_summary(message: str) -> str:
+    """Ray's message about a failed job, without the log tail it repeats when the entrypoint itself failed."""
+    first = message.strip().split("\n", 1)[0]
+    if first.startswith("Job entrypoint command failed"):
+        return first.split(", last available logs", 1)[0]
+    return message.strip()
+
+
 def exit_code(status: str) -> int:
     return TERMINAL.get(status, EXIT_OK)
 

@@ -103,12 +103,14 @@ def test_submit_follows_a_1s_job_and_returns_soon_after_it_ends(ray_head: Any, a
     assert returned - ended < 3.0, "submit should return promptly, not wait for Ray's log tail to close"
 
 
-@pytest.mark.parametrize(("command", "code", "status"), [("exit 0", 0, "SUCCEEDED"), ("echo oops; exit 7", 1,
-                                                                                            "FAILED")])
-def test_exit_code_mirrors_the_job(ray_head: Any, command: str, code: int, status: str) -> None:
-    done = hpcray("submit", "--address", ray_head.address, "--", command)
+@pytest.mark.parametrize(("command", "code", "ending"), [
+    ("exit 0", 0, "SUCCEEDED"),
+    ("echo oops; exit 7", 1, "Job entrypoint command failed with exit code 7\njob {} FAILED")])
+def test_exit_code_mirrors_the_job(ray_head: Any, command: str, code: int, ending: str) -> None:
+    job_id = uid("exit")
+    done = hpcray("submit", "--address", ray_head.address, "--submission-id", job_id, "--", command)
     assert done.returncode == code, done.stderr
-    assert done.stderr.rstrip().endswith(status)
+    assert done.stderr.rstrip().endswith(ending.format(job_id))
 
 
 def test_stop_ends_a_followed_job_with_exit_3(ray_head: Any, api: jobs.JobsApi) -> None:
