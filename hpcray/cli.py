@@ -223,6 +223,31 @@ class _EntrypointCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _credentials_for(p: Any, dry_run: bool) -> Any:
+    """The profile's MLflow credentials; a dry run does without them, saying so."""
+    from hpcray.errors import CredentialsError
+    from hpcray.tracking import load_credentials
+
+    try:
+        return load_credentials(p)
+    except CredentialsError as exc:
+        if not dry_run:
+            raise
+        echo_err(f"hpcray: warning: {exc} (the real command needs them)")
+        return None
+
+
+def _print_submission(sub: Any, name: str, as_json: bool) -> None:
+    from hpcray.jobs import redact
+
+    payload = redact(sub.payload())
+    if as_json:
+        print_json({"job": name, **payload})
+        return
+    click.echo(f"# would submit job {name}: {payload['entrypoint']}")
+    click.echo(json.dumps({k: v for k, v in payload.items() if k != "entrypoint"}, indent=2))
+
+
 def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: Any) -> str:
     """Follow the job to its end and say how it ended; on Ctrl-C stop it or detach (as on_interrupt says), exit 130."""
     from hpcray import jobs
@@ -262,12 +287,14 @@ def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: A
 @click.option("--no-wait", is_flag=True, help="Print the submission id and return; don't follow the job.")
 @click.option("--on-interrupt", type=click.Choice(["stop", "detach"]), default="stop", show_default=True,
               help="What Ctrl-C while following does: stop the job, or leave it running; then exit 130.")
+@click.option("--dry-run", is_flag=True, help="Print the job that would be submitted (secrets redacted); contact "
+                                              "nothing.")
 @json_option
 @click.pass_context
 def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: tuple[str, ...],
            working_dir: str | None, requirements: str | None, pip: tuple[str, ...], wheels: tuple[str, ...],
            env_pairs: tuple[str, ...], runtime_env_json: str | None, num_cpus: float | None, num_gpus: float | None,
-           submission_id: str | None, no_wait: bool, on_interrupt: str, as_json: bool) -> None:
+           submission_id: str | None, no_wait: bool, on_interrupt: str, dry_run: bool, as_json: bool) -> None:
     """Submit a job to the profile's Ray cluster (or --address) and follow its logs until it ends.
 
     \b
@@ -285,7 +312,7 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
 
     from hpcray import jobs
     from hpcray.profile import load_profile
-    from hpcray.tracking import load_credentials, preflight
+    from hpcray.tracking import preflight
 
     env = _env_pairs(env_pairs)
     extra_env: dict[str, Any] = {}
@@ -308,9 +335,12 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
                                pip=pip, wheels=wheels, env=env, num_cpus=num_cpus, num_gpus=num_gpus)
     if extra_env:
         spec = replace(spec, runtime_env={**spec.runtime_env, **extra_env})
-    credentials = load_credentials(p)
+    credentials = _credentials_for(p, dry_run)
     sub = jobs.build_submission(p, spec, name=name, credentials=credentials, submission_id=submission_id,
                                 warn=echo_err)
+    if dry_run:
+        _print_submission(sub, name or "(entrypoint)", as_json)
+        return
     preflight(p, credentials)
     api = _jobs_api(profile_ref, address, p)
     job_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=echo_err, warn=echo_err)
@@ -440,6 +470,11 @@ def _dry_run_up(p: Any, env: dict[str, Any] | None, ttl_s: float | None, as_json
     if p.backend != "kuberay":
         click.echo(f"# profile {p.name} uses the local backend: `up` starts a Ray head on this machine (no helm)")
         return
+    if env is None and p.mlflow.credentials != "none":  # a dry run without credentials shows where they would go
+        from hpcray.secrets import Secret
+        from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR
+
+        env = {USERNAME_VAR: "<unset>", PASSWORD_VAR: Secret("<unset>")}
     plan = KubeRayBackend(p).plan(env=env, ttl_s=ttl_s, warn=echo_err)
     command = shlex.join([plan.helm.path, *plan.argv])
     secret = None if plan.secret is None else {
@@ -478,12 +513,11 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
     """
     from hpcray.backends import backend_for
     from hpcray.profile import load_profile
-    from hpcray.tracking import load_credentials
 
     p = load_profile(profile_ref)
     timeout_s = _duration(timeout or p.timeout, "--timeout")
     ttl_s = _duration(ttl or p.ttl, "--ttl")
-    credentials = load_credentials(p)
+    credentials = _credentials_for(p, dry_run)
     env = credentials.env() if credentials else None
     if dry_run:
         _dry_run_up(p, env, ttl_s, as_json)
@@ -617,8 +651,10 @@ def dashboard(profile_ref: str, port: int) -> None:
 @click.argument("job_names", metavar="JOB...", nargs=-1, required=True)
 @click.option("--keep", is_flag=True, help="Leave the cluster up afterwards (default: tear it down).")
 @click.option("--timeout", metavar="DUR", help="How long to wait for the cluster (default: the profile's timeout).")
+@click.option("--dry-run", is_flag=True, help="Print what would be brought up and submitted; touch nothing.")
 @json_option
-def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, as_json: bool) -> None:
+def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, dry_run: bool,
+            as_json: bool) -> None:
     """Bring the profile's cluster up, run each JOB of the profile in turn, and tear the cluster down.
 
     \b
@@ -636,6 +672,21 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
             wait = parse_duration(timeout)
         except ValueError:
             raise click.BadParameter(f"{timeout!r} is not a duration like 90s, 30m, 2h", param_hint="--timeout") from None
+    if dry_run:
+        from hpcray import jobs
+
+        credentials = _credentials_for(p, True)
+        missing = [n for n in job_names if n not in p.jobs]
+        if missing:
+            raise click.BadParameter(f"no job {missing[0]!r} in {p.source}; its jobs: {', '.join(p.jobs)}",
+                                     param_hint="JOB")
+        _dry_run_up(p, credentials.env() if credentials else None, None, False)
+        for name in job_names:
+            sub = jobs.build_submission(p, jobs.job_spec(p, name, []), name=name, credentials=credentials,
+                                        warn=echo_err)
+            _print_submission(sub, name, False)
+        click.echo(f"# then: {'keep the cluster (--keep)' if keep else f'hpcray down --profile {p.source}'}")
+        return
     report = run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep, timeout=wait)
     if as_json:
         print_json(report.to_json())

@@ -37,8 +37,9 @@ def load_credentials(p: Profile, *, environ: dict[str, str] | None = None,
         env = os.environ if environ is None else environ
         user, password = env.get(USERNAME_VAR), env.get(PASSWORD_VAR)
         if not user or not password:
-            missing = " and ".join(v for v, val in ((USERNAME_VAR, user), (PASSWORD_VAR, password)) if not val)
-            raise CredentialsError(f"mlflow.credentials is 'env' but {missing} is not set; export it (e.g. "
+            unset = [v for v, val in ((USERNAME_VAR, user), (PASSWORD_VAR, password)) if not val]
+            missing = f"{' and '.join(unset)} {'are' if len(unset) > 1 else 'is'} not set"
+            raise CredentialsError(f"mlflow.credentials is 'env' but {missing}; export it (e.g. "
                                    f"`read -s {PASSWORD_VAR}; export {PASSWORD_VAR}`), or use a credentials file")
         return Credentials(user, Secret(password))
     if source == "file":
