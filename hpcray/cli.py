@@ -523,8 +523,8 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
         _dry_run_up(p, env, ttl_s, as_json)
         return
     backend = backend_for(p)
-    extra = {"down_on_failure": down_on_failure} if p.backend == "kuberay" else {}
-    status = backend.up(timeout=timeout_s or 7200.0, progress=echo_err, env=env, ttl_s=ttl_s, **extra)
+    status = backend.up(timeout=timeout_s or 7200.0, progress=echo_err, env=env, ttl_s=ttl_s,
+                        down_on_failure=down_on_failure)
     if as_json:
         print_json(status.to_json())
     else:

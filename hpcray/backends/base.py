@@ -50,11 +50,13 @@ class Backend(Protocol):
         progress: Progress,
         env: dict[str, Secret | str] | None = None,
         ttl_s: float | None = None,
+        down_on_failure: bool = False,
     ) -> ClusterStatus:
         """Create (or upgrade) the cluster and return once head and all workers are ready.
 
         ``env`` reaches every Ray process of the cluster (MLflow credentials), never argv or a file.
-        Raises ClusterNotReady with a diagnosis on timeout.
+        Raises ClusterNotReady with a diagnosis on timeout; ``down_on_failure`` then removes what was created
+        (a backend whose half-started cluster is useless, like the local one, always removes it).
         """
         ...
 

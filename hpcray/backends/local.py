@@ -88,7 +88,9 @@ class LocalBackend:
     # -- Backend --------------------------------------------------------------------------------------------------
 
     def up(self, *, timeout: float, progress: Progress, env: dict[str, Secret | str] | None = None,
-           ttl_s: float | None = None) -> ClusterStatus:
+           ttl_s: float | None = None, down_on_failure: bool = True) -> ClusterStatus:
+        """Start the head (and MLflow server) or return the one already up. A head that fails to start is always
+        stopped, whatever ``down_on_failure`` says: half a local cluster is of no use to inspect."""
         deadline = time.monotonic() + timeout
         with _locked(self.dir / "local.lock"):
             st = self._load()
