@@ -49,7 +49,7 @@ TERMINAL = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_JOB_FAILED, "STOPPED": EXIT_JOB
 API_WAIT_S = 60.0
 """How long `submit` waits for the Jobs API of a fresh or port-forwarded cluster to accept jobs."""
 
-POLL_S = 0.25
+POLL_S = 0.2
 """Status poll period while following a job; Ray's own log tail lingers ~5 s after a job ends."""
 
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZ)")  # TOKENIZERS_PARALLELISM is common and harmless
@@ -232,12 +232,21 @@ def check_versions(cluster: str, client: str, image: str | None, warn: Say) -> N
 
 
 def client_ray_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed Ray's version, read from ray/_version.py: `import ray` costs ~0.7 s, importlib.metadata ~0.1 s."""
+    import importlib.util
 
-    try:
-        return version("ray")
-    except PackageNotFoundError:
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
         return None
+    try:
+        found = re.search(r'^version = "([^"]+)"', (Path(spec.origin).parent / "_version.py").read_text(), re.M)
+    except OSError:
+        found = None
+    if found:
+        return found.group(1)
+    from importlib.metadata import version
+
+    return version("ray")
 
 
 # ---------------------------------------------------------------------------------------------------------------
