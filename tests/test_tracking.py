@@ -31,6 +31,7 @@ from tests.test_jobs import free_port, hpcray, job_ids, one_error_line, popen_hp
 pytestmark = pytest.mark.slow
 
 JOB_SCRIPT = """\
+import os
 import time
 
 import mlflow
@@ -39,7 +40,7 @@ with mlflow.start_run(run_name="hpcray-e2e") as run:  # experiment and server co
     mlflow.log_param("epochs", 2)
     mlflow.log_metric("loss", 0.5)
     print("RUN_ID", run.info.run_id, flush=True)
-time.sleep(1.5)  # time for the test to read every process's argv while the job runs
+    time.sleep(float(os.environ.get("HOLD_S", "0")))  # lets a test read every process's argv meanwhile
 """
 
 
@@ -157,24 +158,29 @@ def test_job_logs_to_mlflow_as_the_injected_user_and_the_password_leaks_nowhere(
     password = h.credentials.password.reveal().encode()
     hpcray_tmp = tmp_path / "hpcray-tmp"
     hpcray_tmp.mkdir()
-    follower = popen_hpcray("submit", "-p", str(h.profile), "train",  # the profile's own head: no --address
-                            env={**creds_env(h.credentials), "TMPDIR": str(hpcray_tmp)})
+    follower = popen_hpcray("submit", "-p", str(h.profile), "--env", "HOLD_S=1", "train",  # no --address: the
+                            env={**creds_env(h.credentials), "TMPDIR": str(hpcray_tmp)})  # profile's own head
+    api = JobsApi(h.address)
+    ray_list = None
     leaking: set[str] = set()
     while follower.poll() is None:  # the argv of every process on the machine, while hpcray and the job run
         leaking.update(argv_containing(password))
+        if ray_list is None and api.list():  # Ray's CLI takes seconds to start: list while the job runs
+            ray_list = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
+                                         h.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **QUIET_ENV})
         time.sleep(0.05)
     out, err = follower.communicate()
     assert follower.returncode == 0, err
     assert not leaking, f"password in the argv of pids {leaking}"
     assert password.decode() not in out + err
 
-    api = JobsApi(h.address)
     status, listed = api.call("GET", "/api/jobs/")
     assert status == 200 and password.decode() not in listed
-    ray_list = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", h.address],
-                              capture_output=True, text=True, env={**os.environ, **QUIET_ENV}, timeout=60)
-    assert ray_list.returncode == 0 and "raysubmit_" in ray_list.stdout, ray_list.stderr
-    assert password.decode() not in ray_list.stdout + ray_list.stderr
+    assert ray_list is not None
+    listed_out, listed_err = ray_list.communicate(timeout=60)
+    assert ray_list.returncode == 0 and "raysubmit_" in listed_out, listed_err
+    assert password.decode() not in listed_out + listed_err
     assert not files_containing(password, tmp_path, h.temp_dir)  # working dir, hpcray temp and state, Ray logs
 
     [run] = runs(mlflow_server, h.experiment)
