@@ -91,8 +91,14 @@ def render(profile_ref: str, output: str | None, manifest: bool, no_check: bool)
         if manifest:
             text = result.manifest if result else text
     if output:
-        with open(output, "w") as fh:
-            fh.write(text)
+        try:
+            with open(output, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            from hpcray.errors import HpcrayError
+
+            raise HpcrayError(f"-o {output}: cannot write it ({exc.strerror}); give a file in an existing, "
+                              "writable directory") from None
         echo_err(f"wrote {output}")
     else:
         click.echo(text, nl=False)
@@ -695,6 +701,18 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
     sys.exit(report.exit_code)
 
 
+def usage_error(exc: click.ClickException) -> NoReturn:
+    """A wrong flag, value or argument: one line naming it and where to read more, exit 2 (not click's four)."""
+    from hpcray.errors import EXIT_USAGE
+
+    ctx = getattr(exc, "ctx", None)
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    see = f"see `{ctx.command_path if ctx is not None else 'hpcray'} --help`"
+    echo_err(f"hpcray: error: {message} {see.capitalize()}" if message.endswith("?") else
+             f"hpcray: error: {message}; {see}")
+    sys.exit(EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> None:
     from hpcray.errors import Interrupted
 
@@ -704,9 +722,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         echo_err("hpcray: interrupted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # the help text, as for --help
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        usage_error(exc)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

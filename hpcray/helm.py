@@ -37,8 +37,14 @@ class Helm:
 
 def find_helm() -> Helm:
     """$HPCRAY_HELM, else helm on PATH, else the one `make install` put beside this Python."""
-    candidates = [os.environ.get("HPCRAY_HELM"), shutil.which("helm"),
-                  str(Path(sys.executable).parent / "helm"), str(REPO_ROOT / ".tools" / "helm3" / "helm")]
+    chosen = os.environ.get("HPCRAY_HELM")
+    if chosen:  # asked for by name: never silently replaced by another helm
+        if not os.access(chosen, os.X_OK) or os.path.isdir(chosen):
+            raise ToolMissing(f"HPCRAY_HELM={chosen} is not an executable file; point it at helm 3 or 4, or unset it "
+                              "to use the helm on PATH")
+        return _probe(chosen)
+    candidates = [shutil.which("helm"), str(Path(sys.executable).parent / "helm"),
+                  str(REPO_ROOT / ".tools" / "helm3" / "helm")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return _probe(c)
@@ -90,12 +96,14 @@ def run(helm: Helm, args: list[str], *, stdin: str | None = None, timeout: float
 
 
 _EXPLANATIONS: list[tuple[str, str]] = [
-    (r"Kubernetes cluster unreachable",
+    (r'context "([^"]+)" does not exist',
+     "kube context '{0}' is not in your kubeconfig; fix kubernetes.context (see `kubectl config get-contexts`)"),
+    (r'(?i:kubernetes cluster unreachable): Get "(\w+://[^/"]+)',
+     "the Kubernetes API at {0} is unreachable; check kubernetes.context / kubeconfig and that the API server is up"),
+    (r"(?i:kubernetes cluster unreachable)",
      "the Kubernetes cluster is unreachable; check kubernetes.context / kubeconfig and that the API server is up"),
     (r"(?:dial tcp|lookup) ([^\s:]+)[^\n]*(?:connection refused|no such host|i/o timeout|network is unreachable)",
      "cannot reach {0} (network error); check the address and your connection"),
-    (r'context "([^"]+)" does not exist',
-     "kube context '{0}' is not in your kubeconfig; fix kubernetes.context (see `kubectl config get-contexts`)"),
     (r'namespaces "([^"]+)" not found',
      "namespace '{0}' does not exist; create it (`kubectl create namespace {0}`) or fix kubernetes.namespace"),
     (r"another operation \(install/upgrade/rollback\) is in progress",

@@ -30,7 +30,6 @@ from hpcray.errors import (
     EXIT_JOB_STOPPED,
     EXIT_OK,
     ClusterError,
-    ClusterNotReady,
     HpcrayError,
     JobNotFound,
     RayVersionError,
@@ -204,17 +203,19 @@ def wait_for_api(api: JobsApi, timeout: float, progress: Say) -> dict[str, Any]:
             raise
         except ClusterError as exc:  # nothing listening yet, or a proxy answering 502 for a starting dashboard
             waited = time.monotonic() - start
-            if waited >= timeout:
-                raise ClusterNotReady(f"the Ray Jobs API at {api.address} did not answer within {timeout:.0f} s: "
-                                      f"{exc}") from None
+            if waited >= timeout:  # nothing was submitted: exit 2 like any cluster that cannot be reached
+                raise ClusterError(f"the Ray Jobs API at {api.address} did not answer within {timeout:.0f} s: "
+                                   f"{exc}") from None
             if time.monotonic() >= next_say:
                 progress(f"waiting for the Ray Jobs API at {api.address} ({waited:.0f}/{timeout:.0f} s) …")
                 next_say += 5
             time.sleep(0.5)
 
 
-def check_versions(cluster: str, client: str, image: str | None, warn: Say) -> None:
+def check_versions(cluster: str, client: str, image: str | None, warn: Say, *, address: str | None = None) -> None:
     """Different major versions cannot talk; a different minor version mostly works, so it only warns."""
+    where = f"the cluster at {address}" if address else "the cluster"
+
     def major_minor(v: str) -> tuple[int, int]:
         parts = [int(x) for x in re.findall(r"\d+", v)[:2]] + [0, 0]
         return parts[0], parts[1]
@@ -224,10 +225,10 @@ def check_versions(cluster: str, client: str, image: str | None, warn: Say) -> N
             continue
         (cma, cmi), (oma, omi) = major_minor(cluster), major_minor(other)
         if cma != oma:
-            raise RayVersionError(f"the cluster runs Ray {cluster} but {what} has Ray {other}; install "
+            raise RayVersionError(f"{where} runs Ray {cluster} but {what} has Ray {other}; install "
                                   f"ray=={cluster} here or use an image with Ray {other}")
         if cmi != omi:
-            warn(f"warning: the cluster runs Ray {cluster}, {what} has Ray {other}; jobs usually work across minor "
+            warn(f"warning: {where} runs Ray {cluster}, {what} has Ray {other}; jobs usually work across minor "
                  f"versions, but match them if something fails")
 
 
@@ -593,11 +594,14 @@ def check_package_size(directory: Path, excludes: list[str], include_gitignore: 
 
 
 def submit(api: JobsApi, sub: Submission, *, image_ray_version: str | None, progress: Say, warn: Say,
-           wait_s: float = API_WAIT_S) -> str:
-    """Wait until the cluster accepts jobs, check Ray versions, upload local dirs, submit; the submission id."""
+           wait_s: float | None = None) -> str:
+    """Wait (API_WAIT_S by default) until the cluster accepts jobs, check Ray versions, upload local dirs, submit;
+    the submission id."""
+    wait_s = API_WAIT_S if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
     version = wait_for_api(api, wait_s, progress)
-    check_versions(str(version.get("ray_version", "")), client_ray_version() or "", image_ray_version, warn)
+    check_versions(str(version.get("ray_version", "")), client_ray_version() or "", image_ray_version, warn,
+                   address=api.address)
     with tempfile.TemporaryDirectory(prefix="hpcray-job-") as tmp:
         runtime_env = dict(sub.runtime_env)
         stage_wheels(runtime_env, sub.wheels, Path(tmp))
