@@ -90,6 +90,11 @@ def run(helm: Helm, args: list[str], *, stdin: str | None = None, timeout: float
                               env=env)
     except subprocess.TimeoutExpired:
         raise HelmError(f"{what}: helm did not finish within {timeout:.0f}s; check the cluster is reachable") from None
+    if done.returncode < 0:  # killed (OOM killer, a cancelled CI job): what it was doing is half done
+        import signal
+
+        raise HelmError(f"{what}: helm was killed by {signal.Signals(-done.returncode).name} before it finished; run "
+                        "the command again (`hpcray up` recovers a release a killed helm left pending)")
     if done.returncode != 0:
         raise HelmError(f"{what}: {explain(done.stderr)}")
     return done

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TextIO
 
-from hpcray.errors import HpcrayError, Interrupted
+from hpcray.errors import ClusterError, HpcrayError, Interrupted
 from hpcray.profile import Profile, parse_duration
 
 Say = Callable[[str], None]
@@ -140,7 +140,10 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                                                    warn=say)
                 say(f"job {result.name}: submitted as {result.submission_id}")
                 result.status = "RUNNING"
-                info = jobs.follow(api, result.submission_id, _Tee(out, result))
+                try:
+                    info = jobs.follow(api, result.submission_id, _Tee(out, result))
+                except ClusterError as exc:
+                    raise _lost(p, backend, result, exc) from None
                 result.status = str(info["status"])
                 if result.status == "FAILED" and info.get("message"):
                     say(str(info["message"]).rstrip())
@@ -162,6 +165,17 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
         if received:
             raise Interrupted(received[0])
     return report
+
+
+def _lost(p: Profile, backend: Any, result: JobResult, exc: ClusterError) -> ClusterError:
+    """The cluster stopped answering while a job ran: which cluster, which job, and why when the backend can say
+    (the teardown that follows would erase the evidence)."""
+    try:
+        why = "; ".join(f"{n.name} {n.phase}: {n.reason}" for n in backend.status().nodes if n.reason)
+    except HpcrayError:
+        why = ""
+    return ClusterError(f"cluster '{p.name}' went away while job {result.name} ({result.submission_id}) was running: "
+                        f"{why or exc}; its outcome is unknown: look there, then run the job again")
 
 
 def summary(report: RunReport) -> list[str]:
