@@ -67,5 +67,11 @@ docs: install  ## regenerate docs/profile.md (profile schema) and docs/RELIABILI
 	$(BIN)/hpcray profile --schema > docs/profile.md
 	$(BIN)/python tools/reliability_table.py
 
+bench: install .tools/helm4/helm  ## hpcray vs the usual tools, side by side, into docs/BENCHMARKS.md (~30 min)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+bench-gpu: install  ## GPU proof: training bare vs via `hpcray submit --num-gpus 1` (NVIDIA GPU + torch)
+	$(BIN)/python bench/gpu_proof.py
+
 clean:  ## remove the venv and downloaded tools
 	rm -rf $(VENV) .tools

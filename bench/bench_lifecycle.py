@@ -3,7 +3,8 @@
 
 Real helm against tests/fake_kube_api.py (its fake KubeRay operator in manual mode): the clock starts when the
 fake API commits the change that makes the last pod Ready (or deletes the last pod) and stops when the command has
-exited. The polling loops start at a random phase of their 5 s period, as they would for a user.
+exited. The polling loops start at a random phase of their 5 s period, as they would for a user. Rounds are
+interleaved (hpcray up, hpcray down, polling up, polling down, …) so that both sides see the same load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import HEADER, QUIET, REPO, Stats, machine, row
+from common import HEADER, QUIET, REPO, Result, Stats, loadavg, machine
 
 sys.path.insert(0, str(REPO))
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, PODS, FakeKubeAPI  # noqa: E402
@@ -33,6 +34,7 @@ POLL_S = 5
 KUBECTL_READY = (f"until [ \"$(kubectl get pods -l ray.io/cluster={CLUSTER} -o jsonpath='{{range .items[*]}}"
                  "{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}' | grep -c True)\" "
                  f"-ge {WORKERS + 1} ]; do sleep {POLL_S}; done")
+COMMAND = "python bench/bench_lifecycle.py"
 KUBECTL_GONE = f"while [ -n \"$(kubectl get pods -l ray.io/cluster={CLUSTER} -o name)\" ]; do sleep {POLL_S}; done"
 
 
@@ -64,6 +66,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 def hpcray_up(api: FakeKubeAPI, clock: LastPodChange, profile: Path, env: dict[str, str]) -> float:
     assert api.operator is not None
+    clock.ready_at = None
     api.operator.keep_pending(cluster=CLUSTER)  # until make_ready below (the latest rule wins)
     proc = subprocess.Popen([sys.executable, "-m", "hpcray.cli", "up", "-p", str(profile)], env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -81,6 +84,7 @@ def hpcray_up(api: FakeKubeAPI, clock: LastPodChange, profile: Path, env: dict[s
 
 
 def hpcray_down(clock: LastPodChange, profile: Path, env: dict[str, str]) -> float:
+    clock.gone_at = None
     done = subprocess.run([sys.executable, "-m", "hpcray.cli", "down", "-p", str(profile)], env=env,
                           capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
@@ -99,15 +103,11 @@ def polling_loop(script: str, env: dict[str, str], change: Any, stamp: Any) -> f
     return time.perf_counter() - stamp()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--helm", type=int, default=4, choices=(3, 4))
-    args = ap.parse_args()
-    helm = helm_path(args.helm)
+def results(runs: int = 5, helm_major: int = 4) -> list[Result]:
+    helm = helm_path(helm_major)
     charts = os.environ.get("HPCRAY_CHARTS_DIR") or str(REPO.parent / "shared" / "charts")
     if helm is None:
-        raise SystemExit(f"helm {args.helm} not installed: `make test` fetches it into .tools/")
+        raise SystemExit(f"helm {helm_major} not installed: `make test` fetches it into .tools/")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         crd = work / "crd.json"
@@ -131,26 +131,46 @@ def main() -> None:
                "HPCRAY_STATE_DIR": str(work / "state"), "KUBECONFIG": str(kubeconfig)}
         clock = LastPodChange(api)
         up, down, poll_up, poll_down = [], [], [], []
+
+        def ready() -> None:
+            assert api.operator is not None
+            clock.ready_at = None
+            api.operator.make_ready(cluster=CLUSTER)
+
+        def uninstall() -> None:
+            clock.gone_at = None
+            subprocess.run([helm, "uninstall", "bench"], env=env, check=True, capture_output=True)
+
         try:
-            for _ in range(args.runs):
+            for _ in range(runs):  # interleaved: both sides under the same load
                 up.append(hpcray_up(api, clock, profile, env))
                 down.append(hpcray_down(clock, profile, env))
-            for _ in range(args.runs):
                 api.operator.keep_pending(cluster=CLUSTER)
                 subprocess.run([helm, "upgrade", "--install", "bench", f"{charts}/ray-cluster-1.2.2.tgz",
                                 "--set", f"worker.replicas={WORKERS}"], env=env, check=True, capture_output=True)
-                poll_up.append(polling_loop(KUBECTL_READY, env, lambda: api.operator.make_ready(cluster=CLUSTER),
-                                            lambda: clock.ready_at))
-                poll_down.append(polling_loop(KUBECTL_GONE, env, lambda: subprocess.run(
-                    [helm, "uninstall", "bench"], env=env, check=True, capture_output=True), lambda: clock.gone_at))
+                poll_up.append(polling_loop(KUBECTL_READY, env, ready, lambda: clock.ready_at))
+                poll_down.append(polling_loop(KUBECTL_GONE, env, uninstall, lambda: clock.gone_at))
         finally:
             api.stop()
-    print(f"<!-- {machine()}; helm {args.helm}; fake API + fake KubeRay operator -->")
+    note = f"helm {helm_major}, fake API + fake KubeRay operator, {WORKERS + 1} pods; usual way: {POLL_S} s kubectl loop"
+    return [
+        Result(f"`hpcray up`: last pod Ready → command returns ({note})", Stats(up), Stats(poll_up), "≤ 0.5 s",
+               COMMAND, 0.5, on="seconds"),
+        Result(f"`hpcray down`: last pod deleted → command returns ({note})", Stats(down), Stats(poll_down),
+               "≤ 0.5 s", COMMAND, 0.5, on="seconds"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--helm", type=int, default=4, choices=(3, 4))
+    args = ap.parse_args()
+    load = loadavg()
+    rows = results(args.runs, args.helm)
+    print(f"<!-- {machine()}; load average at start {load} -->")
     print(HEADER)
-    print(row("`up`: last pod Ready → command returns", Stats(up), Stats(poll_up), "≤ 0.5 s",
-              "python bench/bench_lifecycle.py"))
-    print(row("`down`: last pod deleted → command returns", Stats(down), Stats(poll_down), "≤ 0.5 s",
-              "python bench/bench_lifecycle.py"))
+    print("\n".join(r.row() for r in rows))
 
 
 if __name__ == "__main__":

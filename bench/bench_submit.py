@@ -1,39 +1,28 @@
-"""Submitting jobs: `hpcray submit` vs `ray job submit` against the same Ray head.
+"""Submitting jobs: `hpcray submit` vs `ray job submit` against the same Ray head, interleaved run by run.
 
 Rows: `--no-wait` (goal ≤ 0.5×), `--no-wait` with a small working dir (uploaded once, then found by hash), and
 following a 1 s job to its end (goal ≤ 0.3×; Ray's CLI waits for its log tail, which closes ~5 s after the job).
-Without --address a local head is started with the project's LocalBackend and taken down afterwards.
+Without --address a local head is started with the project's LocalBackend (its own state dir) and taken down
+afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
+import urllib.request
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
-from common import BIN, HEADER, REPO, QUIET, machine, measure, row, timed_command
+from common import (BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine, measure_pair, timed,
+                    timed_command)
 
 sys.path.insert(0, str(REPO))
-
-
-@contextmanager
-def ray_head(address: str | None) -> Iterator[str]:
-    if address:
-        yield address
-        return
-    from hpcray.backends import backend_for
-    from hpcray.profile import load_profile
-
-    backend = backend_for(load_profile("local"))
-    backend.up(timeout=120, progress=lambda line: print(line, file=sys.stderr))
-    try:
-        yield backend.address()
-    finally:
-        backend.down(progress=lambda line: print(line, file=sys.stderr))
+COMMAND = "python bench/bench_submit.py"
 
 
 def ray_cli_env() -> dict[str, str]:
@@ -43,35 +32,66 @@ def ray_cli_env() -> dict[str, str]:
     return {**QUIET, "RAY_AUTH_MODE": "token"} if ray_token() else dict(QUIET)
 
 
+def seconds_on_head(address: str, submission_id: str) -> float:
+    """The job's own time as the head saw it: accepted (start_time) → terminal (end_time)."""
+    with urllib.request.urlopen(f"{address}/api/jobs/{submission_id}", timeout=30) as resp:
+        info = json.load(resp)
+    return (info["end_time"] - info["start_time"]) / 1000
+
+
+def following(address: str, argv: list[str], env: dict[str, str] | None,
+              overheads: list[float]) -> Callable[[], float]:
+    """Runs `argv --submission-id ID -- sleep 1`; returns its wall time and records wall − the job's time on the head
+    (what the command itself adds: its start, the submission, noticing the end, its exit)."""
+    def run() -> float:
+        sid = f"bench-{uuid.uuid4().hex[:12]}"
+        wall = timed(timed_command([*argv, "--address", address, "--submission-id", sid, "--", "sleep", "1"], env=env))
+        overheads.append(wall - seconds_on_head(address, sid))
+        return wall
+
+    return run
+
+
+def results(address: str, runs: int = 5) -> list[Result]:
+    hpcray, ray = str(BIN / "hpcray"), str(BIN / "ray")
+    env = ray_cli_env()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp) / "wd"
+        workdir.mkdir()
+        (workdir / "main.py").write_text("print('hello from the working dir')\n")
+
+        def pair(what: str, argv: list[str], goal: str, limit: float | None) -> None:
+            ours, theirs = measure_pair(timed_command([hpcray, "submit", "--address", address, *argv]),
+                                        timed_command([ray, "job", "submit", "--address", address, *argv], env=env),
+                                        runs)
+            rows.append(Result(what, ours, theirs, goal, COMMAND, limit))
+
+        pair("`submit --no-wait -- echo hi`", ["--no-wait", "--", "echo", "hi"], "≤ 0.5×", 0.5)
+        pair("`submit --no-wait --working-dir D -- python main.py`",
+             ["--no-wait", "--working-dir", str(workdir), "--", "python", "main.py"], "—", None)
+        ours_over: list[float] = []
+        theirs_over: list[float] = []
+        ours, theirs = measure_pair(following(address, [hpcray, "submit"], None, ours_over),
+                                    following(address, [ray, "job", "submit"], env, theirs_over), runs)
+        rows.append(Result("`submit -- sleep 1`, following to the end", ours, theirs, "≤ 0.3×", COMMAND, 0.3))
+        rows.append(Result("… of which the command's own part (wall − the job's accepted→ended time on the head)",
+                           Stats(ours_over), Stats(theirs_over), "—", COMMAND))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--address", help="Jobs API of a running Ray head (default: start a local one)")
     args = ap.parse_args()
-    hpcray, ray = str(BIN / "hpcray"), str(BIN / "ray")
     os.environ.update(QUIET)
-    with ray_head(args.address) as address, tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp) / "wd"
-        workdir.mkdir()
-        (workdir / "main.py").write_text("print('hello from the working dir')\n")
-        env = ray_cli_env()
-        rows = []
-
-        def pair(what: str, ours_argv: list[str], theirs_argv: list[str], goal: str) -> None:
-            ours = measure(timed_command([hpcray, "submit", "--address", address, *ours_argv]), args.runs)
-            theirs = measure(timed_command([ray, "job", "submit", "--address", address, *theirs_argv], env=env),
-                             args.runs)
-            rows.append(row(what, ours, theirs, goal, "python bench/bench_submit.py"))
-
-        pair("`submit --no-wait -- echo hi`", ["--no-wait", "--", "echo", "hi"], ["--no-wait", "--", "echo", "hi"],
-             "≤ 0.5×")
-        pair("`submit --no-wait --working-dir D -- python main.py`",
-             ["--no-wait", "--working-dir", str(workdir), "--", "python", "main.py"],
-             ["--no-wait", "--working-dir", str(workdir), "--", "python", "main.py"], "—")
-        pair("`submit -- sleep 1`, following to the end", ["--", "sleep", "1"], ["--", "sleep", "1"], "≤ 0.3×")
-    print(f"Machine: {machine()}; Ray head at {address}\n")
+    load = loadavg()
+    with local_head(args.address) as address:
+        rows = results(address, args.runs)
+    print(f"Machine: {machine()}; load average at start {load}; Ray head at {address}\n")
     print(HEADER)
-    print("\n".join(rows))
+    print("\n".join(r.row() for r in rows))
 
 
 if __name__ == "__main__":
