@@ -254,11 +254,13 @@ def _print_submission(sub: Any, name: str, as_json: bool) -> None:
     click.echo(json.dumps({k: v for k, v in payload.items() if k != "entrypoint"}, indent=2))
 
 
-def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: Any) -> str:
+def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: Any, intro: str = "") -> str:
     """Follow the job to its end and say how it ended; on Ctrl-C stop it or detach (as on_interrupt says), exit 130."""
     from hpcray import jobs
 
     try:
+        if intro:
+            echo_err(intro)
         info = jobs.follow(api, job_id, out)
         status = str(info["status"])
         if status == "FAILED" and info.get("message"):
@@ -357,8 +359,9 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
             click.echo(job_id)
             echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
         return
-    echo_err(f"submitted job {job_id} to {api.address}; Ctrl-C {'stops' if on_interrupt == 'stop' else 'detaches'}")
-    status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout)
+    status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout,
+                                  f"submitted job {job_id} to {api.address}; Ctrl-C "
+                                  f"{'stops' if on_interrupt == 'stop' else 'detaches'}")
     if as_json:
         print_json({"submission_id": job_id, "address": api.address, "status": status})
     sys.exit(jobs.exit_code(status))
