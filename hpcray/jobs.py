@@ -367,7 +367,8 @@ def build_submission(p: Profile, spec: JobSpec, *, name: str | None, credentials
     secrets: list[Secret] = []
     if credentials is not None and p.mlflow.deliver == "runtime_env":
         warn(f"warning: mlflow.deliver is 'runtime_env': {PASSWORD_VAR} goes into the job's runtime_env, which Ray "
-             f"shows in plain text to anyone who reaches the dashboard; prefer the default 'secret'")
+             f"shows in plain text to anyone who reaches the dashboard (and puts on the command line of its worker "
+             f"processes, which `ps` shows to every user of the machine); prefer the default 'secret'")
         env[USERNAME_VAR] = credentials.username
         env[PASSWORD_VAR] = credentials.password.reveal()
         secrets.append(credentials.password)
