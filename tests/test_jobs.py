@@ -103,6 +103,10 @@ def test_submit_follows_a_1s_job_and_returns_soon_after_it_ends(ray_head: Any, a
     assert returned - ended < 3.0, "submit should return promptly, not wait for Ray's log tail to close"
 
 
+@pytest.mark.reliability(
+    case="fault: a submitted job fails",
+    sees="Ray's reason in one line (`Job entrypoint command failed with exit code 7`), `job ID FAILED`; exit 1",
+    remains="the failed job in the cluster's job list")
 def test_exit_code_mirrors_the_job(ray_head: Any) -> None:
     cases = {uid("ok"): ("exit 0", 0, "job {} SUCCEEDED"),
              uid("fails"): ("echo oops; exit 7", 1, "Job entrypoint command failed with exit code 7\njob {} FAILED")}
@@ -114,6 +118,10 @@ def test_exit_code_mirrors_the_job(ray_head: Any) -> None:
         assert err.rstrip().endswith(ending.format(job_id))
 
 
+@pytest.mark.reliability(
+    case="fault: a followed job is stopped from elsewhere (`hpcray stop`)",
+    sees="`job ID STOPPED`; the follower exits 3",
+    remains="the stopped job in the cluster's job list")
 def test_stop_ends_a_followed_job_with_exit_3(ray_head: Any, api: jobs.JobsApi) -> None:
     job_id = uid("to-stop")
     follower = popen_hpcray("submit", "--address", ray_head.address, "--submission-id", job_id, "--", "sleep 60")
@@ -125,6 +133,10 @@ def test_stop_ends_a_followed_job_with_exit_3(ray_head: Any, api: jobs.JobsApi) 
 
 
 @pytest.mark.parametrize(("mode", "after"), [("stop", "STOPPED"), ("detach", "RUNNING")])
+@pytest.mark.reliability(
+    case="fault: Ctrl-C while `submit` follows a job",
+    sees="the job is stopped, or (--on-interrupt detach) `… keeps running: hpcray logs -f ID`; exit 130",
+    remains="a STOPPED job, or with detach the job still running")
 def test_ctrl_c_while_following_stops_or_detaches(ray_head: Any, api: jobs.JobsApi, mode: str, after: str) -> None:
     job_id = uid(f"ctrl-c-{mode}")
     extra = [] if mode == "stop" else ["--on-interrupt", "detach"]  # stop is the default
@@ -166,12 +178,21 @@ def test_no_wait_prints_the_id_then_logs_list_and_status_find_it(ray_head: Any) 
 
 
 @pytest.mark.parametrize("command", [["logs"], ["logs", "-f"], ["stop"], ["job-status"]])
+@pytest.mark.reliability(
+    case="bad input: non-existent job id (logs, logs -f, stop, job-status as subprocesses)",
+    sees="`no job 'no-such-job' on the Ray cluster at URL; `hpcray list` shows the jobs`, exit 2",
+    remains="nothing")
 def test_unknown_job_id_is_one_line_exit_2(ray_head: Any, command: list[str]) -> None:
     done = hpcray(*command, "--address", ray_head.address, "no-such-job")
     assert done.returncode == 2
     assert "no job 'no-such-job'" in one_error_line(done.stderr)
 
 
+@pytest.mark.reliability(
+    case="bad input: unreachable Ray address via list",
+    sees="`cannot reach the Ray Jobs API at URL: …; is the cluster up (`hpcray status`), or is --address wrong?`, "
+         "exit 2",
+    remains="nothing")
 def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     done = hpcray("list", "--address", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 2
@@ -206,6 +227,10 @@ def test_profile_job_gets_its_working_dir_env_and_metadata(ray_head: Any, api: j
 
 
 @pytest.mark.parametrize("name", ["HF_TOKEN", "DB_PASSWORD", "AWS_SECRET_ACCESS_KEY"])
+@pytest.mark.reliability(
+    case="bad input: --env named like a secret (TOKEN, PASSWORD, SECRET; subprocess, real Ray)",
+    sees="`--env NAME: refused, because Ray shows a job's env vars in plain text …`, exit 2",
+    remains="nothing (the cluster's job list is unchanged)")
 def test_secret_looking_env_is_refused_before_submitting(ray_head: Any, api: jobs.JobsApi, name: str) -> None:
     before = job_ids(api)
     done = hpcray("submit", "--address", ray_head.address, "--env", f"{name}=x", "--", "true")
@@ -215,6 +240,11 @@ def test_secret_looking_env_is_refused_before_submitting(ray_head: Any, api: job
     assert not jobs.is_secret_name("TOKENIZERS_PARALLELISM")
 
 
+@pytest.mark.reliability(
+    case="bad input: working dir over a lowered upload limit, then fixed by a .rayignore",
+    sees="`DIR packs to 3 MiB, over Ray's upload limit of 1 MiB …; largest: data.bin (3 MiB) …`, exit 2; with the "
+         ".rayignore the job runs",
+    remains="nothing (no job, no upload)")
 def test_working_dir_over_rays_limit_is_refused_before_uploading(ray_head: Any, api: jobs.JobsApi,
                                                                   tmp_path: Path) -> None:
     wd = tmp_path / "big"
@@ -314,6 +344,10 @@ def forward_later(port: int, target: str, delay: float) -> threading.Thread:
     return thread
 
 
+@pytest.mark.reliability(
+    case="fault: the Jobs API is not answering yet (a port-forward still starting)",
+    sees="`waiting for the Ray Jobs API at URL (N/60 s) …`, then the submission id; exit 0",
+    remains="the submitted job")
 def test_submit_waits_for_a_jobs_api_that_is_not_up_yet(ray_head: Any) -> None:
     port = free_port()
     forward_later(port, ray_head.address, delay=1.0)

@@ -131,6 +131,11 @@ def pods(api: FakeKubeAPI, name: str = "lc") -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="fault: `down` while pods are still terminating",
+    sees="one line per pod as it goes (Terminating, deleted), then `lc: removed`; `down` again: `nothing to "
+         "remove`",
+    remains="nothing: no pod, release or Secret")
 def test_up_upgrade_status_down_and_the_password_stays_in_the_secret(helm_bin: str, api: FakeKubeAPI,
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,6 +192,10 @@ def test_up_upgrade_status_down_and_the_password_stays_in_the_secret(helm_bin: s
     assert leaks == [] and PASSWORD not in outputs  # argv of helm (the log), every file, stdout/stderr
 
 
+@pytest.mark.reliability(
+    case="fault: the API server rejects the RayCluster mid-install (helm 3/4)",
+    sees="`helm upgrade --install lc: … quotaTicket …`, exit 2",
+    remains="nothing: no release record, RayCluster or pod (rolled back)")
 def test_helm_failing_mid_install_leaves_no_half_release(helm_bin: str, charts_env: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The API server rejects the RayCluster (as an admission webhook or a stricter CRD would) after helm has
@@ -213,6 +222,11 @@ def test_helm_failing_mid_install_leaves_no_half_release(helm_bin: str, charts_e
 
 
 @pytest.mark.parametrize("left", ["pending-install", "pending-upgrade"])
+@pytest.mark.reliability(
+    case="fault: a release left pending-install / pending-upgrade by a killed helm",
+    sees="the next `up` says `release lc was left pending-… ; rolled it back to revision 1` / `uninstalled it`, "
+         "then installs or upgrades",
+    remains="one deployed release")
 def test_next_up_recovers_a_release_a_killed_helm_left_pending(helm_bin: str, api: FakeKubeAPI, tmp_path: Path,
                                                                left: str) -> None:
     """A helm killed mid-operation leaves its release record pending: exactly what is forged here."""
@@ -256,6 +270,11 @@ def _set_release_status(api: FakeKubeAPI, record: dict[str, Any], revision: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="fault: pods never get Ready (unschedulable head, image pull failing, NotReady node)",
+    sees="progress lines as it happens, then `lc was not ready within 2s: 0/3 pods Ready; head … Unschedulable …; "
+         "worker … ImagePullBackOff …; node … is NotReady …`; exit 4",
+    remains="nothing with --down-on-failure (no release, no Secret)")
 def test_pending_head_and_image_pull_failure_are_named_then_timeout_exit_4(helm4: str, api: FakeKubeAPI,
                                                                          tmp_path: Path) -> None:
     assert api.operator is not None
@@ -285,6 +304,11 @@ def _node_not_ready(api: FakeKubeAPI, name: str, reason: str, message: str) -> N
     api.call(api.store.replace, api.resource("nodes"), None, name, node, "status")
 
 
+@pytest.mark.reliability(
+    case="fault: Ctrl-C during `up`",
+    sees="`interrupted while bringing up lc; the release is left in place: `hpcray down -p …`` (or removed with "
+         "--down-on-failure); exit 130",
+    remains="the release and its Secret, or nothing with --down-on-failure")
 def test_ctrl_c_during_up_keeps_or_removes_the_release_as_asked(helm4: str, api: FakeKubeAPI,
                                                                 tmp_path: Path) -> None:
     assert api.operator is not None
@@ -313,6 +337,10 @@ def test_ctrl_c_during_up_keeps_or_removes_the_release_as_asked(helm4: str, api:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="fault: the API server drops the readiness watch, restarts, and compacts (410 Gone)",
+    sees="`lost the watch on pods (…); reconnecting`, `watch on pods resumed`, then ready; exit 0",
+    remains="the cluster, ready")
 def test_watch_resumes_after_drop_restart_and_410(helm4: str, api: FakeKubeAPI, tmp_path: Path) -> None:
     assert api.operator is not None
     api.operator.mode = "manual"  # pods stay Pending until make_ready
@@ -332,6 +360,10 @@ def test_watch_resumes_after_drop_restart_and_410(helm4: str, api: FakeKubeAPI, 
     assert "lost the watch on pods" in err and "watch on pods resumed" in err
 
 
+@pytest.mark.reliability(
+    case="fault: two `up` of one profile at once",
+    sees="the second says `waiting for `hpcray up` of lc (pid N) to finish …`; both exit 0",
+    remains="one release: revision 1 superseded, revision 2 deployed")
 def test_two_concurrent_ups_of_one_profile_take_turns(helm4: str, api: FakeKubeAPI, tmp_path: Path) -> None:
     profile = write_profile(tmp_path, api)
     procs = [start_hpcray("up", "-p", str(profile)) for _ in range(2)]
@@ -398,6 +430,11 @@ def test_dry_run_prints_helm_command_and_values_and_touches_nothing(helm_bin: st
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="bad input: namespace, context, token, server or kubeconfig wrong (the kube client)",
+    sees="one line each: `namespace 'nowhere' does not exist`, `kube context 'elsewhere' is not in …`, `401 "
+         "Unauthorized`, `cannot reach the Kubernetes API`, `kubeconfig … does not exist`",
+    remains="nothing")
 def test_kubernetes_errors_are_one_actionable_line(api: FakeKubeAPI, tmp_path: Path) -> None:
     p = load_profile(write_profile(tmp_path, api))
 
@@ -418,6 +455,10 @@ def test_kubernetes_errors_are_one_actionable_line(api: FakeKubeAPI, tmp_path: P
     assert "does not exist; set kubernetes.kubeconfig" in problem(kubeconfig=str(tmp_path / "none"))
 
 
+@pytest.mark.reliability(
+    case="fault: the dashboard port-forward's upstream drops",
+    sees="`port-forward lost (…); reconnecting`, then `port-forward reconnected`; the waiting request is served",
+    remains="the port-forward, working")
 def test_port_forward_relay_reconnects_when_the_upstream_drops(tmp_path: Path) -> None:
     """The fake API has no portforward endpoint, so the relay is tested against a local TCP echo target: the
     upstream opener stands in for kube.open_pod_port."""

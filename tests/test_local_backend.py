@@ -124,6 +124,10 @@ def test_local_mlflow_server_starts_and_stops_with_the_cluster(tmp_path: Path) -
     assert find_leftovers(status.details["temp_dir"]) == []
 
 
+@pytest.mark.reliability(
+    case="fault: the local Ray head exits while starting",
+    sees="`the local Ray head of 'NAME' exited while starting; last lines of …/head.log: …`, exit 2",
+    remains="nothing: no Ray process, no state file")
 def test_a_head_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     ray_argv = local._ray_argv
@@ -135,6 +139,10 @@ def test_a_head_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path
     assert find_leftovers(backend.temp_dir) == []
 
 
+@pytest.mark.reliability(
+    case="fault: a state file whose head is gone (machine rebooted, head killed)",
+    sees="`status` shows the head Failed (`the head process N is gone`); `down` cleans up",
+    remains="nothing after `down`")
 def test_a_stale_state_file_is_cleaned_up(tmp_path: Path) -> None:
     backend = local_backend(local_profile("stale"), tmp_path / "state")
     dead = subprocess.Popen(["true"])
@@ -151,6 +159,10 @@ def test_a_stale_state_file_is_cleaned_up(tmp_path: Path) -> None:
     assert backend.down(progress=print) is False
 
 
+@pytest.mark.reliability(
+    case="bad input: local.dashboard_port already in use",
+    sees="`dashboard port N is in use or in another Ray's port range; set local.dashboard_port: 0 …`, exit 2",
+    remains="nothing")
 def test_a_busy_dashboard_port_is_refused(tmp_path: Path, ray_head: RayHead) -> None:
     busy = int(ray_head.address.rsplit(":", 1)[1])
     backend = local_backend(local_profile("busy", dashboard_port=busy), tmp_path / "state")

@@ -89,6 +89,10 @@ def test_script_is_bash_and_has_only_the_flags_the_profile_sets(
     assert not (tmp_path / "sif").exists(), "--print must not touch the image dir"
 
 
+@pytest.mark.reliability(
+    case="bad input: an sbatch value with spaces (interlink.slurm.partition) via pull --print",
+    sees="`interlink.slurm.partition: 'gpu --exclusive' is not a single sbatch value …`, exit 2",
+    remains="nothing")
 def test_a_flag_value_that_would_break_the_script_is_refused(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     profile = write_profile(tmp_path, tmp_path / "sif", "{partition: 'gpu --exclusive'}")
@@ -155,6 +159,11 @@ def test_local_pull_with_only_apptainer(tmp_path: Path, capsys: pytest.CaptureFi
     ({"FAKE_SINGULARITY_FAIL": "manifest unknown"}, "singularity pull " + SOURCE + " failed (exit code 255): "),
     ({"FAKE_SINGULARITY_EMPTY": "1"}, "ended without error but wrote nothing"),
 ], ids=["runtime-fails", "runtime-writes-nothing"])
+@pytest.mark.reliability(
+    case="fault: singularity pull fails, or succeeds without writing the file",
+    sees="`singularity pull SOURCE failed (exit code 255): …` / `… ended without error but wrote nothing to …`, "
+         "exit 2",
+    remains="no SIF file and no partial file")
 def test_local_pull_failure_is_one_line_and_leaves_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         env: dict[str, str], expected: str) -> None:
@@ -172,6 +181,10 @@ def test_local_pull_failure_is_one_line_and_leaves_nothing(
     assert sif_files(sif) == []
 
 
+@pytest.mark.reliability(
+    case="bad input: neither singularity nor apptainer on PATH via pull",
+    sees="`neither singularity nor apptainer is on PATH; …`, exit 2",
+    remains="nothing")
 def test_no_singularity_on_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     profile = write_profile(tmp_path, tmp_path / "sif")
@@ -182,6 +195,10 @@ def test_no_singularity_on_path_is_one_line(tmp_path: Path, capsys: pytest.Captu
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.reliability(
+    case="bad input: no sbatch on PATH via pull --slurm",
+    sees="`sbatch not found on PATH; …`, exit 2",
+    remains="nothing")
 def test_no_sbatch_on_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     profile = write_profile(tmp_path, tmp_path / "sif")
@@ -245,6 +262,11 @@ def test_slurm_pull_writes_the_exact_file_then_skips(
     assert (sif / "hython:sif").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.reliability(
+    case="fault: the SLURM pull job fails",
+    sees="`pulling SOURCE into FILE: SLURM job N ended FAILED (exit code 255); its output ends: …; full output in "
+         "LOG`, exit 2",
+    remains="the job's output file; no SIF file or partial")
 def test_failing_slurm_pull_reports_the_jobs_output_and_exit_code(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         job_env: dict[str, str]) -> None:
@@ -263,6 +285,10 @@ def test_failing_slurm_pull_reports_the_jobs_output_and_exit_code(
     assert sif_files(sif) == []
 
 
+@pytest.mark.reliability(
+    case="fault: the SIF is read while the SLURM job pulls it",
+    sees="the final name appears only once the image is complete",
+    remains="the complete SIF only")
 def test_a_half_written_image_never_has_the_final_name(tmp_path: Path, job_env: dict[str, str]) -> None:
     sif = tmp_path / "sif"
     profile = write_profile(tmp_path, sif)
@@ -285,6 +311,10 @@ def test_a_half_written_image_never_has_the_final_name(tmp_path: Path, job_env: 
     assert sif_files(sif) == ["hython:sif"]
 
 
+@pytest.mark.reliability(
+    case="fault: the SLURM pull job is cancelled (scancel)",
+    sees="`… SLURM job N ended CANCELLED …`, exit 2",
+    remains="no SIF file and no partial file")
 def test_a_cancelled_pull_leaves_no_final_file_and_no_partial(tmp_path: Path, slurm_env: SlurmCluster,
                                                               job_env: dict[str, str]) -> None:
     sif = tmp_path / "sif"
@@ -303,6 +333,11 @@ def test_a_cancelled_pull_leaves_no_final_file_and_no_partial(tmp_path: Path, sl
     assert sif_files(sif) == []
 
 
+@pytest.mark.reliability(
+    case="fault: the SLURM pull outlasts --timeout",
+    sees="`job N is still RUNNING after 1 s and keeps going: follow it with `scontrol show job N`, stop it with "
+         "`scancel N``, exit 4",
+    remains="the SLURM job, still running (as said)")
 def test_waiting_past_the_timeout_exits_4_and_leaves_the_job_running(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         slurm_env: SlurmCluster, job_env: dict[str, str]) -> None:
@@ -328,6 +363,11 @@ def test_wait_reports_state_changes_and_progress_while_running(tmp_path: Path, s
     assert any(re.fullmatch(rf"job {job_id}: RUNNING on hpcraytest, tick \d+", s) for s in said), said
 
 
+@pytest.mark.reliability(
+    case="bad input: a partition SLURM does not know via pull --slurm",
+    sees="`sbatch refused the job: Batch job submission failed: Invalid partition name specified; check "
+         "interlink.slurm (…) in FILE`, exit 2",
+    remains="nothing")
 def test_sbatch_refusal_names_the_profile_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch, job_env: dict[str, str]) -> None:
     profile = write_profile(tmp_path, tmp_path / "sif", "{partition: nope}")
@@ -339,6 +379,10 @@ def test_sbatch_refusal_names_the_profile_keys(tmp_path: Path, capsys: pytest.Ca
                    f"specified; check interlink.slurm (partition, time, account, qos) in {profile}\n")
 
 
+@pytest.mark.reliability(
+    case="fault: Ctrl-C while waiting for the SLURM pull",
+    sees="`job N keeps running; `scancel N` stops it`, exit 130",
+    remains="the SLURM job, still running (as said)")
 def test_ctrl_c_while_waiting_says_the_job_keeps_running(tmp_path: Path, slurm_env: SlurmCluster,
                                                          job_env: dict[str, str]) -> None:
     profile = write_profile(tmp_path, tmp_path / "sif")

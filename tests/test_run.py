@@ -68,6 +68,10 @@ PHASES = {
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("phase", list(PHASES))
+@pytest.mark.reliability(
+    case="fault: SIGINT/SIGTERM during `hpcray run` (head starting, job submitted, logs followed)",
+    sees="`stopping job slow …`, the teardown, `interrupted by SIGINT` / `SIGTERM`; exit 130 / 143",
+    remains="nothing: no Ray process, no state file")
 def test_signal_tears_everything_down(tmp_path: Path, phase: str, sig: signal.Signals) -> None:
     proc = start(tmp_path, profile(tmp_path, {"slow": SLOW_JOB}), "slow")
     seen = read_until(proc, PHASES[phase])
@@ -83,6 +87,10 @@ def test_signal_tears_everything_down(tmp_path: Path, phase: str, sig: signal.Si
     assert_nothing_left(tmp_path, temp_dir)
 
 
+@pytest.mark.reliability(
+    case="fault: a job of `hpcray run` fails",
+    sees="each job's result in the summary (`bad: FAILED`), `cluster torn down`; exit 1",
+    remains="nothing: no Ray process, no state file")
 def test_failing_job_exits_1_and_still_tears_down(tmp_path: Path) -> None:
     prof = profile(tmp_path, {"ok": "python -c 'print(42)'", "bad": "python -c 'import sys; sys.exit(3)'"})
     proc = start(tmp_path, prof, "ok", "bad")
@@ -93,6 +101,10 @@ def test_failing_job_exits_1_and_still_tears_down(tmp_path: Path) -> None:
     assert_nothing_left(tmp_path, temp_dir_of(output))
 
 
+@pytest.mark.reliability(
+    case="bad input: unknown job of `hpcray run` (a subprocess)",
+    sees="`FILE: jobs.okk: no such job in the profile; its jobs are: ok`, exit 2",
+    remains="nothing: no Ray head was started")
 def test_unknown_job_fails_before_anything_starts(tmp_path: Path) -> None:
     proc = start(tmp_path, profile(tmp_path, {"ok": "true"}), "okk")
     output, _ = proc.communicate(timeout=60)

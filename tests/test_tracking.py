@@ -152,6 +152,10 @@ def head_with_credentials(mlflow_server: Any, tmp_path: Path, own_state_dir: Pat
         backend.down(progress=lambda _: None)
 
 
+@pytest.mark.reliability(
+    case="secrets: the MLflow password through `submit` on a head started with it",
+    sees="the job logs to MLflow as the injected user; the password is in no output",
+    remains="the password in no argv, Jobs API answer, `ray job list`, file, MLflow param or tag")
 def test_job_logs_to_mlflow_as_the_injected_user_and_the_password_leaks_nowhere(
         mlflow_server: Any, head_with_credentials: Any, tmp_path: Path) -> None:
     h = head_with_credentials
@@ -226,6 +230,10 @@ def submit_refused(ray_head: Any, profile: Path, env: dict[str, str]) -> str:
     return one_error_line(done.stderr)
 
 
+@pytest.mark.reliability(
+    case="bad input: MLflow wrong password via submit (subprocess, real Ray)",
+    sees="`the MLflow server at URL rejected user 'U' (401: wrong username or password); …`, exit 2",
+    remains="nothing (no job submitted)")
 def test_wrong_password_is_refused_before_submitting(mlflow_server: Any, ray_head: Any, tmp_path: Path) -> None:
     credentials = new_user(mlflow_server)
     wrong = secrets.token_urlsafe(24)
@@ -234,6 +242,10 @@ def test_wrong_password_is_refused_before_submitting(mlflow_server: Any, ray_hea
     assert f"rejected user '{credentials.username}' (401" in line and wrong not in line
 
 
+@pytest.mark.reliability(
+    case="bad input: MLflow down via submit (subprocess, real Ray)",
+    sees="`the MLflow server at URL does not answer (Connection refused); …`, exit 2",
+    remains="nothing (no job submitted)")
 def test_unreachable_mlflow_is_refused_before_submitting(mlflow_server: Any, ray_head: Any, tmp_path: Path) -> None:
     credentials = new_user(mlflow_server)
     profile = profile_file(tmp_path, "down", {"tracking_uri": f"http://127.0.0.1:{free_port()}", "experiment": "x"})
@@ -241,6 +253,11 @@ def test_unreachable_mlflow_is_refused_before_submitting(mlflow_server: Any, ray
     assert "does not answer" in line and "Connection refused" in line
 
 
+@pytest.mark.reliability(
+    case="bad input: MLflow experiment of another user via submit (subprocess, real Ray)",
+    sees="`user 'U' may not write to MLflow experiment 'E' (403 …); set mlflow.experiment to a free name such as "
+         "'E-U'`, exit 2",
+    remains="nothing (no job, no MLflow run)")
 def test_foreign_experiment_is_refused_with_a_free_name(mlflow_server: Any, ray_head: Any, tmp_path: Path) -> None:
     owner, intruder = new_user(mlflow_server), new_user(mlflow_server)
     experiment = f"owned-{secrets.token_hex(4)}"
@@ -252,6 +269,10 @@ def test_foreign_experiment_is_refused_with_a_free_name(mlflow_server: Any, ray_
     assert runs(mlflow_server, experiment) == []
 
 
+@pytest.mark.reliability(
+    case="bad input: no MLflow credentials for a server that requires a login",
+    sees="`the MLflow server at URL requires a login (401); set mlflow.credentials in the profile …`, exit 2",
+    remains="nothing (no job submitted)")
 def test_no_credentials_for_a_server_that_requires_them(mlflow_server: Any, ray_head: Any, tmp_path: Path) -> None:
     profile = profile_file(tmp_path, "anon", {"tracking_uri": mlflow_server.url, "experiment": "x",
                                               "credentials": "none"})
