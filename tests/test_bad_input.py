@@ -35,7 +35,7 @@ from tests.fake_ray_dashboard import FakeRayDashboard
 from tests.fixtures_tools import helm_path
 
 NOTHING = "nothing (no state file, process or file; no job, release or run)"
-NOTHING_LOCK = "nothing but an empty lock file in the state dir (no release, Secret, process or other file)"
+NOTHING_LOCK = "nothing (at most the profile's empty lock file): no release, Secret, process or other file"
 
 
 def closed_port() -> int:
@@ -176,7 +176,7 @@ def interlink(**keys: str) -> str:
 
 @dataclass
 class Offline:
-    args: list[str]  # {profile} {in} and {dashboard} are filled in
+    args: list[str]  # {profile} {in} {dashboard} and {secret} (a password made at run time) are filled in
     says: list[str]
     profile: str = LOCAL
     files: dict[str, tuple[str, int]] = field(default_factory=dict)  # name → (text, mode), beside the profile
@@ -268,7 +268,7 @@ OFFLINE: list[tuple[str, Offline, str]] = [
     ("password inside mlflow.tracking_uri", Offline(["run", "-p", "{profile}", "ok"],
                                                     ["mlflow.tracking_uri carries a password", "mlflow.credentials"],
                                                     LOCAL.replace("{credentials: none}",
-                                                                  "{tracking_uri: 'http://u:hunter2@127.0.0.1:9', "
+                                                                  "{tracking_uri: 'http://u:{secret}@127.0.0.1:9', "
                                                                   "credentials: none}")),
      "`mlflow.tracking_uri carries a password; remove it from the URL … and use mlflow.credentials`"),
     ("credentials file readable by others (0644)",
@@ -276,7 +276,7 @@ OFFLINE: list[tuple[str, Offline, str]] = [
                                          "chmod 600 {in}/mlflow.cred"],
              LOCAL.replace("{credentials: none}", "{tracking_uri: 'http://127.0.0.1:9', credentials: file, "
                                                   "credentials_file: mlflow.cred}"),
-             {"mlflow.cred": ("username=alice\npassword=not-used-anywhere\n", 0o644)}),
+             {"mlflow.cred": ("username=alice\npassword={secret}\n", 0o644)}),
      "`FILE: credentials file is readable by others (mode 644); run `chmod 600 FILE``"),
     ("SIF dir not absolute via pull", Offline(["pull", "-p", "{profile}"],
                                               ["image.dir: 'sif' is not an absolute directory", "image.dir: /ceph"],
@@ -313,18 +313,19 @@ def dashboard() -> Iterator[FakeRayDashboard]:
                                   for name, spec, sees in OFFLINE])
 def test_refused_before_anything_is_touched(world: World, capsys: pytest.CaptureFixture[str],
                                             dashboard: FakeRayDashboard, spec: Offline) -> None:
-    profile = world.write("profile.yaml", spec.profile)
+    secret = secrets.token_urlsafe(12)
+    profile = world.write("profile.yaml", spec.profile.replace("{secret}", secret))
     for name, (text, mode) in spec.files.items():
-        world.write(name, text, mode)
+        world.write(name, text.replace("{secret}", secret), mode)
 
     def fill(text: str) -> str:
         for key, value in (("{profile}", profile), ("{dashboard}", dashboard.address), ("{in}", world.root / "in")):
             text = text.replace(key, str(value))
         return text
 
-    refused(world, capsys, [fill(a) for a in spec.args], [fill(s) for s in spec.says],
-            observe=lambda: list(dashboard.requests))
-    assert dashboard.requests == []
+    line = refused(world, capsys, [fill(a) for a in spec.args], [fill(s) for s in spec.says],
+                   observe=lambda: list(dashboard.requests))
+    assert dashboard.requests == [] and secret not in line
 
 
 def test_debug_shows_the_traceback_of_a_bad_input(world: World, capsys: pytest.CaptureFixture[str]) -> None:
