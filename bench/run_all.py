@@ -75,14 +75,21 @@ def run_sections(only: set[str], runs: int, demo_runs: int, sweep_jobs: int) -> 
     return results, log
 
 
-def git_commit() -> str:
-    """The commit measured, and the files of the package that differed from it (a shared working tree)."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hpcray", "pyproject.toml"],
-                           capture_output=True, text=True).stdout.split("\n")
-    changed = [line[3:] for line in dirty if line.strip()]
-    return f"`{head.stdout.strip() or 'unknown'}`" + (f" with uncommitted changes in {', '.join(changed)}"
-                                                       if changed else "")
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+
+def git_commit() -> tuple[str, str]:
+    """The commit measured, in words, and its hash: a shared working tree may hold others' uncommitted changes."""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "hpcray", "pyproject.toml").splitlines()]
+    return f"`{head}`" + (f" with uncommitted changes in {', '.join(changed)}" if changed else ""), head
+
+
+def changed_since(head: str) -> str:
+    """Others commit while the benchmarks run: say which files of the package changed meanwhile."""
+    files = git("diff", "--name-only", head, "HEAD", "--", "hpcray", "pyproject.toml").split()
+    return f" (during the run, later commits changed {', '.join(files)})" if files else ""
 
 
 def versions() -> str:
@@ -100,7 +107,7 @@ def demo_jobs() -> str:
 
 
 def document(results: list[Result], log: list[str], argv: list[str], started: float, load_at_start: str,
-             previous_gpu: str | None, sweep_jobs: int) -> str:
+             previous_gpu: str | None, sweep_jobs: int, commit: tuple[str, str]) -> str:
     missed = [r for r in results if r.met is False]
     elapsed = time.time() - started
     out = [
@@ -111,7 +118,7 @@ def document(results: list[Result], log: list[str], argv: list[str], started: fl
         "(run from the repository root with `.venv/bin/python`). Benchmarks are not tests: no test asserts a time.",
         "",
         f"- When: {datetime.datetime.fromtimestamp(started):%Y-%m-%d %H:%M} (the run took {elapsed / 60:.0f} min), "
-        f"commit {git_commit()}",
+        f"commit {commit[0]} at the start{changed_since(commit[1])}",
         f"- Machine: {machine()}; {versions()}",
         f"- Load average (1/5/15 min) at start: **{load_at_start}**. The machine is shared with other engineers' "
         "test suites and CI runs, so absolute times are inflated and noisy; the two sides of each comparison "
@@ -229,10 +236,10 @@ def main() -> None:
     if only - set(SECTIONS):
         ap.error(f"--only: unknown {','.join(sorted(only - set(SECTIONS)))}")
     os.environ.update(QUIET)
-    started, load_at_start = time.time(), loadavg()
+    started, load_at_start, commit = time.time(), loadavg(), git_commit()
     results, log = run_sections(only, args.runs, args.demo_runs, args.sweep_jobs)
     text = document(results, log, ["run_all.py", *sys.argv[1:]], started, load_at_start,
-                    previous_gpu_section(args.out), args.sweep_jobs)
+                    previous_gpu_section(args.out), args.sweep_jobs, commit)
     args.out.write_text(text)
     print(text)
     print(f"wrote {args.out}", file=sys.stderr)
