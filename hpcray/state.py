@@ -21,7 +21,11 @@ def state_root() -> Path:
 
 
 def state_dir(cluster: str) -> Path:
-    """A private (0700) directory for one cluster's state."""
-    path = state_root() / cluster
+    """Where one cluster's state lives; made private (0700) by the first command that writes there, so looking
+    up a cluster that was never started leaves nothing behind."""
+    return state_root() / cluster
+
+
+def make_private(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path

@@ -63,14 +63,13 @@ class World:
         return path
 
     def files(self) -> dict[str, int]:
-        """Every file under the test's directory and its size; hpcray's download cache and empty lock files (the
-        per-profile lock a command takes before it looks at anything) are not something a command created."""
+        """Every file and directory under the test's directory with its size (-1: a directory), lock files and
+        state dirs included; hpcray's download cache is not something a command created."""
         found = {}
         for path in self.root.rglob("*"):
             rel = path.relative_to(self.root)
-            if rel.parts[0] == "cache" or not path.is_file() or (path.suffix == ".lock" and not path.stat().st_size):
-                continue
-            found[str(rel)] = path.stat().st_size
+            if rel.parts[0] != "cache":
+                found[str(rel)] = path.stat().st_size if path.is_file() else -1
         return found
 
     def processes(self) -> set[int]:

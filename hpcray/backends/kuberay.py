@@ -26,7 +26,7 @@ from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError, Hpcra
 from hpcray.profile import PROFILES_DIR, Profile
 from hpcray.render import PROFILE_LABEL
 from hpcray.secrets import Secret
-from hpcray.state import state_dir
+from hpcray.state import make_private, state_dir
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR
 
 DASHBOARD_PORT = 8265
@@ -103,9 +103,9 @@ class KubeRayBackend:
 
     def up(self, *, timeout: float, progress: Progress, env: dict[str, Secret | str] | None = None,
            ttl_s: float | None = None, down_on_failure: bool = False) -> ClusterStatus:
+        plan = self.plan(env=env, ttl_s=ttl_s, warn=progress)  # bad input fails before anything is written
+        k = kube.connect(self.p)
         with lifecycle_lock(self.p.name, "up", progress):
-            plan = self.plan(env=env, ttl_s=ttl_s, warn=progress)
-            k = kube.connect(self.p)
             started = time.monotonic()
             watch = kube.PodWatch(k, self.selector, progress)
             try:
@@ -235,9 +235,10 @@ class KubeRayBackend:
         return f"http://127.0.0.1:{info['port']}"
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
+        k = kube.connect(self.p)
+        h = helm.find_helm()
         with lifecycle_lock(self.p.name, "down", progress):
-            k = kube.connect(self.p)
-            removed = helm.uninstall(helm.find_helm(), self.p)
+            removed = helm.uninstall(h, self.p)
             progress(f"uninstalled release {self.name} from namespace {k.namespace}" if removed else
                      f"no release {self.name} in namespace {k.namespace}; nothing to uninstall")
             if kube.delete_secret(k, self.p.secret_name):
@@ -263,6 +264,7 @@ class KubeRayBackend:
 
         relay = Relay(upstream, port=port, notice=progress, on_failure=head.forget)
         state = state_file(self.name)
+        make_private(state.parent)
         state.write_text(json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": k.namespace}))
         try:
             on_ready(f"http://127.0.0.1:{relay.port}")
@@ -437,7 +439,7 @@ def state_file(name: str) -> Path:
 @contextlib.contextmanager
 def lifecycle_lock(name: str, command: str, progress: Progress) -> Iterator[None]:
     """One `up`/`down` of a cluster at a time on this machine: a second one waits, and says for whom."""
-    path = state_dir(name) / "lifecycle.lock"
+    path = make_private(state_dir(name)) / "lifecycle.lock"
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

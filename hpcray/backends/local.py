@@ -115,7 +115,7 @@ class LocalBackend:
     def address(self) -> str:
         st = self._load()
         if st is None or not _running(st.pid):
-            raise ClusterError(f"no local cluster '{self.name}' is up; run `hpcray up --profile …`")
+            raise ClusterError(f"no local cluster '{self.name}' is up; run `hpcray up --profile {self.p.source}`")
         return st.dashboard
 
     def tracking_uri(self) -> str | None:
@@ -145,6 +145,8 @@ class LocalBackend:
                              details=details)
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
+        if not (self.dir / STATE_FILE).exists() and not find_leftovers(self.temp_dir):
+            return False  # without taking the lock, which would make the state dir of a cluster never started
         with _locked(self.dir / "local.lock"):
             st = self._load()
             if st is None and not find_leftovers(self.temp_dir):
