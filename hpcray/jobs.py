@@ -49,7 +49,9 @@ API_WAIT_S = 60.0
 """How long `submit` waits for the Jobs API of a fresh or port-forwarded cluster to accept jobs."""
 
 POLL_S = 0.2
-"""Status poll period while following a job; Ray's own log tail lingers ~5 s after a job ends."""
+"""Status poll period when waiting for a job's end, and log poll period while following one."""
+STATUS_POLL_S = 0.1
+"""Status poll period while following a job (Ray's own log tail lingers ~5 s after a job ends)."""
 
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZ)")  # TOKENIZERS_PARALLELISM is common and harmless
 _WHEEL_DIR = "_hpcray_wheels"
@@ -633,11 +635,12 @@ def _scrub(text: str, secrets: list[Secret]) -> str:
     return text
 
 
-def follow(api: JobsApi, job_id: str, out: TextIO, *, poll_s: float = POLL_S) -> dict[str, Any]:
+def follow(api: JobsApi, job_id: str, out: TextIO) -> dict[str, Any]:
     """Print the job's logs as they grow until it ends; its final details (status, message).
 
-    Polls status and drains the full log by offset (the Jobs API has no ranged read), fetching the log less often
-    as it grows so a chatty job does not make this loop heavy.
+    Polls the status every STATUS_POLL_S (a few hundred bytes: the end is noticed within ~0.1 s) and drains the
+    full log by offset (the Jobs API has no ranged read) every POLL_S, less often as the log grows, so a chatty
+    job does not make this loop heavy.
     """
     printed = 0
     next_logs = 0.0
@@ -651,10 +654,10 @@ def follow(api: JobsApi, job_id: str, out: TextIO, *, poll_s: float = POLL_S) ->
                 out.write(text[printed:])
                 out.flush()
                 printed = len(text)
-            next_logs = now + poll_s + printed / 2e6
+            next_logs = now + POLL_S + printed / 2e6
         if status in TERMINAL:
             return redact(info)
-        time.sleep(poll_s)
+        time.sleep(STATUS_POLL_S)
 
 
 def wait_until_done(api: JobsApi, job_id: str, timeout: float) -> str:
