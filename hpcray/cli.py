@@ -6,10 +6,11 @@ Exit codes (hpcray.errors): 0 ok, 1 job failed, 2 bad input / unmet precondition
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import click
 
@@ -196,16 +197,20 @@ address_option = click.option(
          "http://127.0.0.1:8265 ($RAY_API_SERVER_ADDRESS). Default: the profile's cluster.")
 
 
-def _jobs_api(profile_ref: str, address: str | None, profile: Any = None) -> Any:
-    """The Jobs API at --address, else of the profile's cluster (loaded from profile_ref unless given)."""
+@contextlib.contextmanager
+def _jobs_api(profile_ref: str, address: str | None, profile: Any = None) -> Iterator[Any]:
+    """The Jobs API at --address, else of the profile's cluster (loaded from profile_ref unless given), through a
+    port-forward of this command's own where the cluster needs one."""
     from hpcray.jobs import JobsApi
 
     if address:
-        return JobsApi(address)
+        yield JobsApi(address)
+        return
     from hpcray.backends import backend_for
     from hpcray.profile import load_profile
 
-    return JobsApi(backend_for(profile or load_profile(profile_ref)).address())
+    with backend_for(profile or load_profile(profile_ref)).reach(echo_err) as reached:
+        yield JobsApi(reached)
 
 
 def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -350,18 +355,18 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
         _print_submission(sub, name or "(entrypoint)", as_json)
         return
     preflight(p, credentials)
-    api = _jobs_api(profile_ref, address, p)
-    job_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=echo_err, warn=echo_err)
-    if no_wait:
-        if as_json:
-            print_json({"submission_id": job_id, "address": api.address})
-        else:
-            click.echo(job_id)
-            echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
-        return
-    status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout,
-                                  f"submitted job {job_id} to {api.address}; Ctrl-C "
-                                  f"{'stops' if on_interrupt == 'stop' else 'detaches'}")
+    with _jobs_api(profile_ref, address, p) as api:
+        job_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=echo_err, warn=echo_err)
+        if no_wait:
+            if as_json:
+                print_json({"submission_id": job_id, "address": api.address})
+            else:
+                click.echo(job_id)
+                echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
+            return
+        status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout,
+                                      f"submitted job {job_id} to {api.address}; Ctrl-C "
+                                      f"{'stops' if on_interrupt == 'stop' else 'detaches'}")
     if as_json:
         print_json({"submission_id": job_id, "address": api.address, "status": status})
     sys.exit(jobs.exit_code(status))
@@ -376,11 +381,11 @@ def logs(profile_ref: str, address: str | None, job_id: str, follow: bool) -> No
     """Print a job's logs (like `ray job logs`)."""
     from hpcray import jobs
 
-    api = _jobs_api(profile_ref, address)
-    if not follow:
-        click.echo(api.logs(job_id), nl=False)
-        return
-    status = _follow_or_interrupt(api, job_id, None, sys.stdout)
+    with _jobs_api(profile_ref, address) as api:
+        if not follow:
+            click.echo(api.logs(job_id), nl=False)
+            return
+        status = _follow_or_interrupt(api, job_id, None, sys.stdout)
     sys.exit(jobs.exit_code(status))
 
 
@@ -393,7 +398,8 @@ def stop(profile_ref: str, address: str | None, job_id: str, no_wait: bool) -> N
     """Stop a job (SIGTERM, then SIGKILL) and wait until it has stopped."""
     from hpcray import jobs
 
-    click.echo(f"job {job_id} {jobs.stop(_jobs_api(profile_ref, address), job_id, wait=not no_wait)}")
+    with _jobs_api(profile_ref, address) as api:
+        click.echo(f"job {job_id} {jobs.stop(api, job_id, wait=not no_wait)}")
 
 
 @cli.command("list")
@@ -404,7 +410,8 @@ def list_cmd(profile_ref: str, address: str | None, as_json: bool) -> None:
     """List the cluster's jobs (secret-looking env var values shown as ******)."""
     from hpcray import jobs
 
-    found = jobs.list_jobs(_jobs_api(profile_ref, address))
+    with _jobs_api(profile_ref, address) as api:
+        found = jobs.list_jobs(api)
     if as_json:
         print_json(found)
     else:
@@ -421,7 +428,8 @@ def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool
     """A job's status and Ray's message about it (like `ray job status`)."""
     from hpcray import jobs
 
-    info = jobs.status_of(_jobs_api(profile_ref, address), job_id)
+    with _jobs_api(profile_ref, address) as api:
+        info = jobs.status_of(api, job_id)
     if as_json:
         print_json(info)
     else:
@@ -644,7 +652,8 @@ def dashboard(profile_ref: str, port: int) -> None:
     p = load_profile(profile_ref)
     backend = backend_for(p)
     if p.backend != "kuberay":
-        click.echo(backend.address())
+        with backend.reach(echo_err) as address:
+            click.echo(address)
         return
     backend.dashboard(port=port, progress=echo_err,  # type: ignore[attr-defined]
                       on_ready=lambda url: click.echo(f"dashboard: {url} (Ctrl-C stops the port-forward)"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TextIO
 
@@ -125,13 +125,14 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
     current: JobResult | None = None
     env = credentials.env() if credentials and p.mlflow.deliver == "secret" else None
     report = RunReport(p.name, results, p.mlflow.tracking_uri, torn_down=False)
+    reached = ExitStack()  # a port-forward to the head, where the backend needs one
     try:
         with _signals_raise():
             backend.up(timeout=timeout or parse_duration(p.timeout), progress=say, env=env)
             if not tracking_known:
                 p.mlflow.tracking_uri = report.tracking_uri = getattr(backend, "tracking_uri", lambda: None)()
                 preflight(p, credentials)
-            api = jobs.JobsApi(backend.address())
+            api = jobs.JobsApi(reached.enter_context(backend.reach(say)))
             for result in results:
                 sub = jobs.build_submission(p, specs[result.name], name=result.name, credentials=credentials,
                                             warn=say)
@@ -157,6 +158,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                     current.status = jobs.stop(api, current.submission_id, wait=True, timeout=15)
                 except HpcrayError as exc:
                     say(f"hpcray: could not stop job {current.submission_id}: {exc}")
+            reached.close()
             if keep:
                 say(f"--keep: cluster {p.name} stays up; remove it with `hpcray down --profile {p.source}`")
             else:

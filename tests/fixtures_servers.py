@@ -31,7 +31,7 @@ def local_profile(name: str, *, mlflow_server: bool = False, num_cpus: int | Non
                   dashboard_port: int = 0) -> types.SimpleNamespace:
     """The part of a Profile that LocalBackend reads."""
     return types.SimpleNamespace(
-        name=name, backend="local",
+        name=name, backend="local", source=Path(f"{name}.yaml"),
         local=types.SimpleNamespace(num_cpus=num_cpus, num_gpus=None, mlflow_server=mlflow_server,
                                     dashboard_port=dashboard_port),
         mlflow=types.SimpleNamespace(tracking_uri=None))

@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,7 +70,7 @@ def helm4(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def write_profile(tmp_path: Path, api: FakeKubeAPI, name: str = "lc", *, workers: int = 2,
-                  credentials: str = "env") -> Path:
+                  credentials: str = "env", tracking_uri: str = "http://mlflow.example:5000") -> Path:
     kubeconfig = tmp_path / "kubeconfig"
     if not kubeconfig.exists():
         api.write_kubeconfig(kubeconfig)
@@ -83,7 +84,7 @@ def write_profile(tmp_path: Path, api: FakeKubeAPI, name: str = "lc", *, workers
         head: {{cpu: "1", memory: 2G}}
         workers:
           cpu: {{replicas: {workers}, cpu: "1", memory: 2G, gpus: 1}}
-        mlflow: {{tracking_uri: "http://mlflow.example:5000", credentials: {credentials}}}
+        mlflow: {{tracking_uri: "{tracking_uri}", credentials: {credentials}}}
         """))
     return path
 
@@ -453,6 +454,69 @@ def test_kubernetes_errors_are_one_actionable_line(api: FakeKubeAPI, tmp_path: P
         assert "401 Unauthorized" in problem(context=None, kubeconfig=str(wrong_token))
     assert "cannot reach the Kubernetes API" in problem()  # that server has stopped
     assert "does not exist; set kubernetes.kubeconfig" in problem(kubeconfig=str(tmp_path / "none"))
+
+
+def test_jobs_reach_the_head_through_a_port_forward_of_their_own_or_hpcray_dashboard(
+        helm4: str, api: FakeKubeAPI, ray_head: Any, tmp_path: Path) -> None:
+    """The Ray head "inside" the fake head pod is a real local one: submit/list/logs open the kubelet port-forward
+    through the real kubernetes client's websocket themselves; `hpcray dashboard` keeps one that they then use."""
+    profile = write_profile(tmp_path, api, workers=1, credentials="none", tracking_uri="")
+    assert hpcray("up", "-p", str(profile)).returncode == 0
+    host, port = ray_head.address.removeprefix("http://").split(":")
+    api.serve_pod_port("ray.io/node-type=head", 8265, (host, int(port)))
+
+    done = hpcray("submit", "-p", str(profile), "--", "echo through-the-port-forward")
+    assert done.returncode == 0, done.stderr
+    assert "through-the-port-forward" in done.stdout
+    job_id = re.search(r"submitted job (\S+) to http://127\.0\.0\.1:\d+", done.stderr)
+    assert job_id, done.stderr
+    assert any("/pods/lc-kuberay-head" in r and "/portforward" in r for r in api.requests)
+    listed = hpcray("list", "-p", str(profile), "--json")
+    assert listed.returncode == 0 and job_id[1] in {j["submission_id"] for j in json.loads(listed.stdout)}
+
+    dashboard = start_hpcray("dashboard", "-p", str(profile), "--port", "0")
+    try:
+        assert dashboard.stdout is not None
+        url = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)", dashboard.stdout.readline())
+        assert url, dashboard.stderr
+        before = sum("/portforward" in r for r in api.requests)
+        with urllib.request.urlopen(f"{url[1]}/api/version", timeout=30) as response:
+            assert "ray_version" in json.loads(response.read())
+        assert sum("/portforward" in r for r in api.requests) > before
+        logs = hpcray("logs", "-p", str(profile), job_id[1])  # through the dashboard's address (dashboard.json)
+        assert logs.returncode == 0 and "through-the-port-forward" in logs.stdout
+    finally:
+        dashboard.send_signal(signal.SIGINT)
+        dashboard.wait(timeout=30)
+    assert not (tmp_path / "state" / "lc" / "dashboard.json").exists()
+
+
+def test_run_on_kuberay_brings_up_runs_through_its_port_forward_and_tears_down(
+        helm4: str, api: FakeKubeAPI, ray_head: Any, tmp_path: Path) -> None:
+    profile = write_profile(tmp_path, api, workers=1, credentials="none", tracking_uri="")
+    profile.write_text(profile.read_text() + "jobs:\n  hello: {entrypoint: 'echo hello-from-the-head-pod'}\n")
+    host, port = ray_head.address.removeprefix("http://").split(":")
+    api.serve_pod_port("ray.io/node-type=head", 8265, (host, int(port)))
+
+    done = hpcray("run", "-p", str(profile), "hello", "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["jobs"][0]["status"] == "SUCCEEDED" and report["torn_down"] is True
+    assert "hello-from-the-head-pod" in done.stderr
+    assert pods(api) == [] and helm_releases(api, "lc") == {}
+
+
+@pytest.mark.reliability(
+    case="fault: a job command against a kuberay cluster with no Ready head pod",
+    sees="`no Ready head pod (ray.io/cluster=…) in namespace default; is the cluster up?`, exit 2 at once",
+    remains="nothing")
+def test_jobs_against_a_cluster_without_a_ready_head_say_so_at_once(helm4: str, api: FakeKubeAPI,
+                                                                    tmp_path: Path) -> None:
+    profile = write_profile(tmp_path, api, credentials="none", tracking_uri="")
+    started = time.monotonic()
+    listed = hpcray("list", "-p", str(profile))
+    assert listed.returncode == 2 and time.monotonic() - started < 20
+    assert listed.stderr.strip().splitlines()[-1].startswith("hpcray: error: no Ready head pod"), listed.stderr
 
 
 @pytest.mark.reliability(

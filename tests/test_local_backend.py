@@ -145,8 +145,11 @@ def test_a_head_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path
     remains="nothing after `down`")
 def test_a_stale_state_file_is_cleaned_up(tmp_path: Path) -> None:
     backend = local_backend(local_profile("stale"), tmp_path / "state")
+    assert not backend.status().exists and backend.down(progress=print) is False
+    assert not backend.dir.exists()  # looking at a cluster never started leaves nothing behind
     dead = subprocess.Popen(["true"])
     dead.wait()
+    backend.dir.mkdir(parents=True)
     (backend.dir / "local.json").write_text(json.dumps(
         {"pid": dead.pid, "temp_dir": backend.temp_dir, "ports": {"dashboard-port": 1}, "started_at": 0}))
 

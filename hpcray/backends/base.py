@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 from hpcray.secrets import Secret
 
@@ -39,7 +39,7 @@ class ClusterStatus:
 
 
 class Backend(Protocol):
-    """A Ray cluster described by one profile. `submit` talks to `address()` and cares about nothing else."""
+    """A Ray cluster described by one profile. `submit` talks to `reach()` and cares about nothing else."""
 
     name: str
 
@@ -60,8 +60,9 @@ class Backend(Protocol):
         """
         ...
 
-    def address(self) -> str:
-        """The Jobs API (dashboard) address of a cluster that is up; ClusterError if it is not."""
+    def reach(self, progress: Progress) -> ContextManager[str]:
+        """The Jobs API (dashboard) address of a cluster that is up, valid while the with-block runs (a backend may
+        open a port-forward for it); ClusterError if the cluster is not up."""
         ...
 
     def status(self) -> ClusterStatus:

@@ -214,13 +214,20 @@ class KubeRayBackend:
                      "in_cluster_address": f"http://{self.p.raycluster_name}-head-svc.{self.p.kubernetes.namespace}"
                                            f".svc:{DASHBOARD_PORT}"})
 
-    def address(self) -> str:
+    @contextlib.contextmanager
+    def reach(self, progress: Progress) -> Iterator[str]:
+        """A live `hpcray dashboard` of this cluster, else a port-forward of this command's own to the head pod
+        (as `kubectl ray job submit` does), closed when the block ends."""
         forwarded = self._forwarded()
-        if forwarded is None:
-            raise ClusterError(f"the dashboard of {self.name} is reachable from here only through a port-forward; "
-                               f"run `hpcray dashboard -p {self.ref}` (or `hpcray up -p {self.ref} --port-forward`)"
-                               " in another terminal")
-        return forwarded
+        if forwarded is not None:
+            yield forwarded
+            return
+        relay = self._relay(port=0, progress=progress)
+        threading.Thread(target=relay.serve_forever, name="port-forward", daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{relay.port}"
+        finally:
+            relay.close()
 
     def _forwarded(self) -> str | None:
         """The address of a live `hpcray dashboard` of this cluster, if one runs."""
@@ -257,12 +264,7 @@ class KubeRayBackend:
     def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
         """Serve 127.0.0.1:port → head pod :8265 until Ctrl-C."""
         k = kube.connect(self.p)
-        head = HeadPod(k, f"{self.selector},{kube.HEAD_LABEL}=head")
-
-        def upstream() -> Any:
-            return kube.open_pod_port(k, head.name(), DASHBOARD_PORT)
-
-        relay = Relay(upstream, port=port, notice=progress, on_failure=head.forget)
+        relay = self._relay(port=port, progress=progress, k=k)
         state = state_file(self.name)
         make_private(state.parent)
         state.write_text(json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": k.namespace}))
@@ -274,6 +276,16 @@ class KubeRayBackend:
         finally:
             relay.close()
             state.unlink(missing_ok=True)
+
+    def _relay(self, *, port: int, progress: Progress, k: kube.Kube | None = None) -> Relay:
+        k = k or kube.connect(self.p)
+        head = HeadPod(k, f"{self.selector},{kube.HEAD_LABEL}=head")
+        head.name()  # no Ready head pod: say so now, not as a connection that fails later
+
+        def upstream() -> Any:
+            return kube.open_pod_port(k, head.name(), DASHBOARD_PORT)
+
+        return Relay(upstream, port=port, notice=progress, on_failure=head.forget)
 
 
 class HeadPod:

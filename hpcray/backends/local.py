@@ -112,6 +112,10 @@ class LocalBackend:
                 raise
         return self.status()
 
+    @contextlib.contextmanager
+    def reach(self, progress: Progress) -> Iterator[str]:
+        yield self.address()
+
     def address(self) -> str:
         st = self._load()
         if st is None or not _running(st.pid):
