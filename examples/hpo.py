@@ -9,6 +9,7 @@ import argparse
 import os
 
 import mlflow
+import ray
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -29,6 +30,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2000)
     args = ap.parse_args()
 
+    # Trial workers print nothing of their own (Tune reports a failed trial here, with its traceback), but Ray
+    # SIGTERMs them as the sweep ends, which now and then prints a spurious `SystemExit: 1` traceback: their
+    # output stays in Ray's worker logs.
+    ray.init(log_to_driver=False)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "hpcray-demo")
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="hpo") as parent:
@@ -46,7 +51,8 @@ def main() -> None:
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(num_samples=args.trials, metric="val_loss", mode="min"),
+            # one trial after another in the same worker: no worker start-up per trial
+            tune_config=tune.TuneConfig(num_samples=args.trials, metric="val_loss", mode="min", reuse_actors=True),
             run_config=tune.RunConfig(callbacks=[callback], verbose=0,
                                       storage_path=os.path.abspath("tune-results")),
         )
