@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -167,6 +168,44 @@ class _Mlflow:
         base = f"{experiment}-{self.credentials.username if self.credentials else getpass.getuser()}"
         candidates = [base] + [f"{base}-{i}" for i in range(2, 6)]
         return next((c for c in candidates if self.lookup(c)[0] == 404), f"{base}-{os.getpid()}")
+
+
+def prepare_local_store(uri: str, experiment: str) -> None:
+    """Give a sqlite store's experiments an artifact root beside the database.
+
+    Without one, the process that creates the store or an experiment puts artifacts under its own working dir
+    (`./mlruns`): for a job, that is its Ray working dir, which the local head's teardown deletes with the models
+    the job logged. So the store and the profile's experiment are made here first, as `mlflow server
+    --default-artifact-root` would make them. Cheap when they exist (one sqlite query, no mlflow import).
+    """
+    import sqlite3
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                if conn.execute("SELECT 1 FROM experiments WHERE name = ?", (experiment,)).fetchone():
+                    return
+        except sqlite3.Error:
+            pass  # not made by MLflow yet, or another schema: let MLflow say
+    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines about creating tables
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(uri, (db.parent / "artifacts").as_uri())
+        if store.get_experiment_by_name(experiment) is None:
+            try:
+                store.create_experiment(experiment)
+            except MlflowException:  # made meanwhile by a job
+                if store.get_experiment_by_name(experiment) is None:
+                    raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and OS errors alike: one line
+        raise TrackingError(f"cannot prepare the local MLflow store {db}: {exc}; remove it (the runs in it are "
+                            "lost) or set mlflow.tracking_uri") from None
 
 
 def preflight(p: Profile, credentials: Credentials | None, *, timeout: float = 10.0) -> None:

@@ -9,6 +9,7 @@ Never `ray stop`: it stops every Ray of the user.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -103,7 +104,10 @@ class LocalBackend:
                 self._stop(st, progress, deadline)
             try:
                 st = self._start(env or {}, ttl_s, progress)
-                self._wait_ready(st, deadline, progress)
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:  # MLflow's import overlaps the head's start
+                    store = pool.submit(self._prepare_store)
+                    self._wait_ready(st, deadline, progress)
+                    store.result()
             except BaseException:
                 st = self._load()
                 if st or find_leftovers(self.temp_dir):
@@ -111,6 +115,13 @@ class LocalBackend:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 raise
         return self.status()
+
+    def _prepare_store(self) -> None:
+        uri = self.p.mlflow.tracking_uri
+        if uri and uri.startswith("sqlite:///"):
+            from hpcray.tracking import prepare_local_store
+
+            prepare_local_store(uri, self.p.mlflow.experiment)
 
     @contextlib.contextmanager
     def reach(self, progress: Progress) -> Iterator[str]:
