@@ -170,8 +170,9 @@ class _Mlflow:
         return next((c for c in candidates if self.lookup(c)[0] == 404), f"{base}-{os.getpid()}")
 
 
-def prepare_local_store(uri: str, experiment: str) -> None:
-    """Give a sqlite store's experiments an artifact root beside the database.
+def prepare_local_store(uri: str, experiment: str) -> str | None:
+    """Give a sqlite store's experiments an artifact root beside the database; a warning if the profile's
+    experiment already exists with its artifacts elsewhere.
 
     Without one, the process that creates the store or an experiment puts artifacts under its own working dir
     (`./mlruns`): for a job, that is its Ray working dir, which the local head's teardown deletes with the models
@@ -181,13 +182,20 @@ def prepare_local_store(uri: str, experiment: str) -> None:
     import sqlite3
 
     db = Path(uri.removeprefix("sqlite:///"))
+    root = (db.parent / "artifacts").resolve().as_uri()
     if db.exists():
         try:
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-                if conn.execute("SELECT 1 FROM experiments WHERE name = ?", (experiment,)).fetchone():
-                    return
+                row = conn.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                   (experiment,)).fetchone()
         except sqlite3.Error:
-            pass  # not made by MLflow yet, or another schema: let MLflow say
+            row = None  # not made by MLflow yet, or another schema: let MLflow say
+        if row:
+            if str(row[0]).startswith(root + "/"):
+                return None
+            return (f"MLflow experiment '{experiment}' in {db} keeps its artifacts in {row[0]}, not beside the store: "
+                    f"models jobs log there are lost if that is a job's temporary dir; set mlflow.experiment to a "
+                    f"new name to keep them in {root}")
     db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         import logging
@@ -196,7 +204,7 @@ def prepare_local_store(uri: str, experiment: str) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        store = SqlAlchemyStore(uri, (db.parent / "artifacts").as_uri())
+        store = SqlAlchemyStore(uri, root)
         if store.get_experiment_by_name(experiment) is None:
             try:
                 store.create_experiment(experiment)
@@ -206,6 +214,7 @@ def prepare_local_store(uri: str, experiment: str) -> None:
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and OS errors alike: one line
         raise TrackingError(f"cannot prepare the local MLflow store {db}: {exc}; remove it (the runs in it are "
                             "lost) or set mlflow.tracking_uri") from None
+    return None
 
 
 def preflight(p: Profile, credentials: Credentials | None, *, timeout: float = 10.0) -> None:

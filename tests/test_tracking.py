@@ -307,3 +307,20 @@ def test_a_password_in_the_tracking_uri_is_refused(tmp_path: Path) -> None:
                                                             "experiment": "x"}))
     with pytest.raises(Exception, match="carries a password"):
         preflight(profile, None)
+
+
+def test_local_store_keeps_artifacts_beside_it_and_warns_about_an_experiment_that_does_not(tmp_path: Path) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from hpcray.tracking import prepare_local_store
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    assert prepare_local_store(uri, "mine") is None  # made: the store, and the experiment
+    assert prepare_local_store(uri, "mine") is None  # there already: nothing to say
+    store = SqlAlchemyStore(uri, (tmp_path / "elsewhere").as_uri())  # as a job in its Ray working dir would
+    assert store.get_experiment_by_name("mine").artifact_location == f"{(db.parent / 'artifacts').as_uri()}/1"
+    store.create_experiment("theirs")
+    warning = prepare_local_store(uri, "theirs")
+    assert warning is not None and "'theirs'" in warning and str(tmp_path / "elsewhere") in warning
+    assert "set mlflow.experiment to a new name" in warning

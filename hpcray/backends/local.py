@@ -107,7 +107,8 @@ class LocalBackend:
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:  # MLflow's import overlaps the head's start
                     store = pool.submit(self._prepare_store)
                     self._wait_ready(st, deadline, progress)
-                    store.result()
+                    if warning := store.result():
+                        progress(f"hpcray: warning: {warning}")
             except BaseException:
                 st = self._load()
                 if st or find_leftovers(self.temp_dir):
@@ -116,12 +117,13 @@ class LocalBackend:
                 raise
         return self.status()
 
-    def _prepare_store(self) -> None:
+    def _prepare_store(self) -> str | None:
         uri = self.p.mlflow.tracking_uri
-        if uri and uri.startswith("sqlite:///"):
-            from hpcray.tracking import prepare_local_store
+        if not uri or not uri.startswith("sqlite:///"):
+            return None
+        from hpcray.tracking import prepare_local_store
 
-            prepare_local_store(uri, self.p.mlflow.experiment)
+        return prepare_local_store(uri, self.p.mlflow.experiment)
 
     @contextlib.contextmanager
     def reach(self, progress: Progress) -> Iterator[str]:
