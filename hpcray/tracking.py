@@ -212,7 +212,9 @@ def prepare_local_store(uri: str, experiment: str) -> str | None:
                 if store.get_experiment_by_name(experiment) is None:
                     raise
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and OS errors alike: one line
-        raise TrackingError(f"cannot prepare the local MLflow store {db}: {exc}; remove it (the runs in it are "
+        # SQLAlchemy wraps the database's error in several lines with the SQL: its first line, or the wrapped one
+        why = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrackingError(f"cannot prepare the local MLflow store {db}: {why}; remove it (the runs in it are "
                             "lost) or set mlflow.tracking_uri") from None
     return None
 

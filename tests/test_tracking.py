@@ -324,3 +324,17 @@ def test_local_store_keeps_artifacts_beside_it_and_warns_about_an_experiment_tha
     warning = prepare_local_store(uri, "theirs")
     assert warning is not None and "'theirs'" in warning and str(tmp_path / "elsewhere") in warning
     assert "set mlflow.experiment to a new name" in warning
+
+
+def test_a_local_store_that_is_not_mlflows_is_one_line(tmp_path: Path) -> None:
+    from hpcray.errors import TrackingError
+    from hpcray.tracking import prepare_local_store
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database, just some bytes" * 100)
+    with pytest.raises(TrackingError) as raised:
+        prepare_local_store(f"sqlite:///{db}", "mine")
+    message = str(raised.value)
+    assert message.startswith(f"cannot prepare the local MLflow store {db}: ") and "\n" not in message
+    assert message.endswith("remove it (the runs in it are lost) or set mlflow.tracking_uri")
+    assert db.read_bytes().startswith(b"not a database")  # left as it was
