@@ -37,7 +37,7 @@ from hpcray.errors import (
 )
 from hpcray.profile import ItwinaiSpec, JobSpec, Profile
 from hpcray.secrets import Secret
-from hpcray.state import QUIET_ENV
+from hpcray.state import QUIET_ENV, make_private, state_root
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials
 
 Say = Callable[[str], None]
@@ -521,8 +521,6 @@ def _package_key(runtime_env: dict[str, Any]) -> str | None:
 
 
 def _package_cache_path() -> Path:
-    from hpcray.state import state_root
-
     return state_root() / "packages.json"
 
 
@@ -538,7 +536,7 @@ def _remember_package(key: str, uri: str) -> None:
     cache.pop(key, None)
     cache[key] = uri
     path = _package_cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(dict(list(cache.items())[-100:])))
     os.replace(tmp, path)

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from hpcray.errors import CredentialsError, TrackingError
 from hpcray.profile import Profile
 from hpcray.secrets import Secret
+from hpcray.state import make_private
 
 USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
@@ -196,7 +197,7 @@ def prepare_local_store(uri: str, experiment: str) -> str | None:
             return (f"MLflow experiment '{experiment}' in {db} keeps its artifacts in {row[0]}, not beside the store: "
                     f"models jobs log there are lost if that is a job's temporary dir; set mlflow.experiment to a "
                     f"new name to keep them in {root}")
-    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(db.parent)
     try:
         import logging
 

@@ -32,7 +32,7 @@ from typing import IO, Any, Iterator
 from hpcray.backends.base import ClusterStatus, NodeStatus, Progress
 from hpcray.errors import ClusterError, ClusterNotReady, ToolMissing
 from hpcray.secrets import Secret
-from hpcray.state import QUIET_ENV, state_dir, state_root
+from hpcray.state import QUIET_ENV, make_private, state_dir, state_root
 
 STATE_FILE = "local.json"
 MARKER_VAR = "HPCRAY_LOCAL_CLUSTER"
@@ -385,7 +385,7 @@ def _mlflow_argv(port: int, directory: Path) -> list[str]:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[IO[str]]:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(path.parent)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield f
