@@ -1,0 +1,60 @@
+"""Time, written once: durations as users write them, deadlines, and polling until something holds."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+(\.\d+)?)(s|m|h|d)$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '6h', '2d' → seconds. ValueError whose message is the one users see (callers add where)."""
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 6h or 2d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+
+
+class Deadline:
+    """A point in monotonic time: `left`, `passed`, and `sleep` that never sleeps past it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start = time.monotonic()
+        self.at = self.start + seconds
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, min(seconds, self.left)))
+
+
+def poll_until(check: Callable[[], T | None], *, timeout: float, interval: float = 0.2,
+               max_interval: float | None = None, every: Callable[[Deadline], None] | None = None) -> T | None:
+    """Call `check` until it returns something truthy (returned) or `timeout` passes (None). The interval grows by
+    half each round up to `max_interval` (default: it stays fixed); `every` is called between rounds."""
+    deadline = Deadline(timeout)
+    while True:
+        found = check()
+        if found:
+            return found
+        if deadline.passed:
+            return None
+        if every is not None:
+            every(deadline)
+        deadline.sleep(interval)
+        if max_interval is not None:
+            interval = min(interval * 1.5, max_interval)
