@@ -10,11 +10,16 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn
 
 import click
 
 from hpcray import __version__
+
+if TYPE_CHECKING:
+    from hpcray.backends.base import ClusterStatus, Plan
+    from hpcray.flows import RunPlan, Submit
+    from hpcray.jobs import JobsApi
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -37,6 +42,16 @@ def echo_err(message: str) -> None:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def duration(value: str, flag: str) -> float:
+    """A duration flag (90s, 30m, 6h, 2d) in seconds; a bad one is a usage error naming the flag."""
+    from hpcray.waiting import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from None
 
 
 def fail(exc: BaseException, debug: bool) -> NoReturn:
@@ -96,9 +111,9 @@ def render(profile_ref: str, output: str | None, manifest: bool, no_check: bool)
             with open(output, "w") as fh:
                 fh.write(text)
         except OSError as exc:
-            from hpcray.errors import HpcrayError
+            from hpcray.errors import OutputError
 
-            raise HpcrayError(f"-o {output}: cannot write it ({exc.strerror}); give a file in an existing, "
+            raise OutputError(f"-o {output}: cannot write it ({exc.strerror}); give a file in an existing, "
                               "writable directory") from None
         echo_err(f"wrote {output}")
     else:
@@ -122,6 +137,7 @@ def profile_cmd(profile_ref: str, schema: bool, as_json: bool) -> None:
     from dataclasses import asdict
 
     data = asdict(p)
+    del data["key_lines"]  # where each key is in the file: for error messages, not part of the profile
     data["source"] = str(p.source)
     if as_json:
         print_json(data)
@@ -164,13 +180,9 @@ def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: 
     from dataclasses import asdict
 
     from hpcray import images
-    from hpcray.profile import load_profile, parse_duration
+    from hpcray.profile import load_profile
 
-    try:
-        wait_s = parse_duration(timeout)
-    except ValueError:
-        raise click.BadParameter(f"{timeout!r} is not a duration; write e.g. 90s, 30m or 2h",
-                                 param_hint="--timeout") from None
+    wait_s = duration(timeout, "--timeout")
     p = load_profile(profile_ref)
     if print_only:
         click.echo(images.render_pull_script(p, force=force), nl=False)
@@ -188,7 +200,7 @@ def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Jobs (hpcray.jobs): Ray's vocabulary — submit, logs, stop, list, job-status — against any Ray cluster
+# Jobs (hpcray.flows, hpcray.jobs): Ray's vocabulary — submit, logs, stop, list, job-status — against any Ray cluster
 # ---------------------------------------------------------------------------------------------------------------
 
 address_option = click.option(
@@ -198,19 +210,13 @@ address_option = click.option(
 
 
 @contextlib.contextmanager
-def _jobs_api(profile_ref: str, address: str | None, profile: Any = None) -> Iterator[Any]:
-    """The Jobs API at --address, else of the profile's cluster (loaded from profile_ref unless given), through a
-    port-forward of this command's own where the cluster needs one."""
-    from hpcray.jobs import JobsApi
-
-    if address:
-        yield JobsApi(address)
-        return
-    from hpcray.backends import backend_for
+def _jobs_api(profile_ref: str, address: str | None) -> Iterator[JobsApi]:
+    """The Jobs API at --address (the profile is not read), else of the profile's cluster."""
+    from hpcray import flows
     from hpcray.profile import load_profile
 
-    with backend_for(profile or load_profile(profile_ref)).reach(echo_err) as reached:
-        yield JobsApi(reached)
+    with flows.jobs_api(None if address else load_profile(profile_ref), address, echo_err) as api:
+        yield api
 
 
 def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -226,6 +232,15 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        return dict(json.loads(text))
+    except (ValueError, TypeError):
+        raise click.BadParameter("not a JSON object", param_hint=flag) from None
+
+
 class _EntrypointCommand(click.Command):
     """Remembers whether the arguments came after `--`: `submit JOB` names a profile job, `submit -- CMD` runs CMD."""
 
@@ -234,51 +249,27 @@ class _EntrypointCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def _credentials_for(p: Any, dry_run: bool) -> Any:
-    """The profile's MLflow credentials; a dry run does without them, saying so."""
-    from hpcray.errors import CredentialsError
-    from hpcray.tracking import load_credentials
-
-    try:
-        return load_credentials(p)
-    except CredentialsError as exc:
-        if not dry_run:
-            raise
-        echo_err(f"hpcray: warning: {exc} (the real command needs them)")
-        return None
+def _job_or_entrypoint(ctx: click.Context, job_args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    if ctx.meta["hpcray.entrypoint"]:
+        if not job_args:
+            raise click.UsageError("give the entrypoint after `--`, e.g. -- python train.py")
+        return None, list(job_args)
+    if len(job_args) == 1:
+        return job_args[0], []
+    raise click.UsageError("give one JOB of the profile, or an entrypoint after `--` "
+                           "(hpcray submit -p PROFILE -- python train.py)")
 
 
-def _print_submission(sub: Any, name: str, as_json: bool) -> None:
+def _print_submission(s: Submit, as_json: bool) -> None:
     from hpcray.jobs import redact
 
-    payload = redact(sub.payload())
+    payload = redact(s.submission.payload())
+    name = s.name or "(entrypoint)"
     if as_json:
         print_json({"job": name, **payload})
         return
     click.echo(f"# would submit job {name}: {payload['entrypoint']}")
     click.echo(json.dumps({k: v for k, v in payload.items() if k != "entrypoint"}, indent=2))
-
-
-def _follow_or_interrupt(api: Any, job_id: str, on_interrupt: str | None, out: Any, intro: str = "") -> str:
-    """Follow the job to its end and say how it ended; on Ctrl-C stop it or detach (as on_interrupt says), exit 130."""
-    from hpcray import jobs
-
-    try:
-        if intro:
-            echo_err(intro)
-        info = jobs.follow(api, job_id, out)
-        status = str(info["status"])
-        if status == "FAILED" and info.get("message"):
-            echo_err(jobs.failure_summary(str(info["message"])))
-        echo_err(f"job {job_id} {status}")
-        return status
-    except KeyboardInterrupt:
-        if on_interrupt == "stop":
-            echo_err(f"hpcray: interrupted; stopping job {job_id} …")
-            echo_err(f"hpcray: job {job_id} {jobs.stop(api, job_id)}")
-        else:
-            echo_err(f"hpcray: interrupted; job {job_id} keeps running: hpcray logs -f {job_id}")
-        sys.exit(130)
 
 
 @cli.command(cls=_EntrypointCommand)
@@ -321,42 +312,20 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
     Exit code mirrors the job: 0 SUCCEEDED, 1 FAILED, 3 STOPPED; 130 on Ctrl-C (which stops the job unless
     --on-interrupt detach); 2 when nothing was submitted.
     """
-    from dataclasses import replace
-
-    from hpcray import jobs
+    from hpcray import flows
+    from hpcray.jobs import exit_code
     from hpcray.profile import load_profile
-    from hpcray.tracking import preflight
 
-    env = _env_pairs(env_pairs)
-    extra_env: dict[str, Any] = {}
-    if runtime_env_json:
-        try:
-            extra_env = dict(json.loads(runtime_env_json))
-        except (ValueError, TypeError):
-            raise click.BadParameter("not a JSON object", param_hint="--runtime-env-json") from None
+    overrides = flows.Overrides(working_dir, requirements, pip, wheels, _env_pairs(env_pairs),
+                                _json_object(runtime_env_json, "--runtime-env-json"), num_cpus, num_gpus)
     p = load_profile(profile_ref)
-    if ctx.meta["hpcray.entrypoint"]:
-        if not job_args:
-            raise click.UsageError("give the entrypoint after `--`, e.g. -- python train.py")
-        name, argv = None, list(job_args)
-    elif len(job_args) == 1:
-        name, argv = job_args[0], []
-    else:
-        raise click.UsageError("give one JOB of the profile, or an entrypoint after `--` "
-                               "(hpcray submit -p PROFILE -- python train.py)")
-    spec = jobs.with_overrides(jobs.job_spec(p, name, argv), working_dir=working_dir, requirements=requirements,
-                               pip=pip, wheels=wheels, env=env, num_cpus=num_cpus, num_gpus=num_gpus)
-    if extra_env:
-        spec = replace(spec, runtime_env={**spec.runtime_env, **extra_env})
-    credentials = _credentials_for(p, dry_run)
-    sub = jobs.build_submission(p, spec, name=name, credentials=credentials, submission_id=submission_id,
-                                warn=echo_err)
+    name, argv = _job_or_entrypoint(ctx, job_args)
+    s = flows.plan_submit(p, name, argv, overrides=overrides, submission_id=submission_id, dry_run=dry_run,
+                          warn=echo_err)
     if dry_run:
-        _print_submission(sub, name or "(entrypoint)", as_json)
+        _print_submission(s, as_json)
         return
-    preflight(p, credentials)
-    with _jobs_api(profile_ref, address, p) as api:
-        job_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=echo_err, warn=echo_err)
+    with flows.submitted(s, address=address, progress=echo_err, warn=echo_err) as (api, job_id):
         if no_wait:
             if as_json:
                 print_json({"submission_id": job_id, "address": api.address})
@@ -364,12 +333,12 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
                 click.echo(job_id)
                 echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
             return
-        status = _follow_or_interrupt(api, job_id, on_interrupt, sys.stderr if as_json else sys.stdout,
-                                      f"submitted job {job_id} to {api.address}; Ctrl-C "
-                                      f"{'stops' if on_interrupt == 'stop' else 'detaches'}")
+        echo_err(f"submitted job {job_id} to {api.address}; Ctrl-C {'stops' if on_interrupt == 'stop' else 'detaches'}")
+        status = flows.follow(api, job_id, out=sys.stderr if as_json else sys.stdout, say=echo_err,
+                              on_interrupt=on_interrupt)
     if as_json:
         print_json({"submission_id": job_id, "address": api.address, "status": status})
-    sys.exit(jobs.exit_code(status))
+    sys.exit(exit_code(status))
 
 
 @cli.command()
@@ -379,14 +348,15 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
 @click.option("-f", "--follow", is_flag=True, help="Follow the logs until the job ends; exit code mirrors the job.")
 def logs(profile_ref: str, address: str | None, job_id: str, follow: bool) -> None:
     """Print a job's logs (like `ray job logs`)."""
-    from hpcray import jobs
+    from hpcray import flows
+    from hpcray.jobs import exit_code
 
     with _jobs_api(profile_ref, address) as api:
         if not follow:
             click.echo(api.logs(job_id), nl=False)
             return
-        status = _follow_or_interrupt(api, job_id, None, sys.stdout)
-    sys.exit(jobs.exit_code(status))
+        status = flows.follow(api, job_id, out=sys.stdout, say=echo_err)
+    sys.exit(exit_code(status))
 
 
 @cli.command()
@@ -419,13 +389,7 @@ def list_cmd(profile_ref: str, address: str | None, as_json: bool) -> None:
             click.echo(line)
 
 
-@cli.command("job-status")
-@profile_option
-@address_option
-@click.argument("job_id", metavar="ID")
-@json_option
-def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
-    """A job's status and Ray's message about it (like `ray job status`)."""
+def _job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
     from hpcray import jobs
 
     with _jobs_api(profile_ref, address) as api:
@@ -436,21 +400,23 @@ def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool
         click.echo(f"job {job_id}: {info['status']}" + (f" ({info['message']})" if info.get("message") else ""))
 
 
+@cli.command("job-status")
+@profile_option
+@address_option
+@click.argument("job_id", metavar="ID")
+@json_option
+def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
+    """A job's status and Ray's message about it (like `ray job status`)."""
+    _job_status(profile_ref, address, job_id, as_json)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Cluster lifecycle: up, down, status, gc, dashboard (hpcray.backends; KubeRay through helm + the kubernetes client)
+# Cluster lifecycle (hpcray.flows over hpcray.backends): up, down, status, gc, dashboard, run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _duration(value: str | None, flag: str) -> float | None:
-    from hpcray.profile import parse_duration
-
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a duration; write e.g. 90s, 30m, 6h or 2d",
-                                 param_hint=flag) from None
+def _optional_duration(value: str | None, flag: str) -> float | None:
+    return None if value is None else duration(value, flag)
 
 
 def _expiry(epoch: float | None) -> str:
@@ -464,47 +430,32 @@ def _expiry(epoch: float | None) -> str:
     return f"expires in {text}" if left > 0 else f"expired {text} ago"
 
 
-def _print_cluster(status: Any) -> None:
+def _print_cluster(status: ClusterStatus) -> None:
     ready_nodes = sum(n.phase == "Ready" for n in status.nodes)
-    d = status.details
-    where = f" namespace {d['namespace']}" if d.get("namespace") else ""
-    release = f" release {d['release_status']} rev {d['revision']}" if d.get("release_status") else ""
-    click.echo(f"{status.name}: {status.backend}{where}{release}; "
-               f"{'ready' if status.ready else 'not ready' if status.exists else 'absent'}; "
-               f"{ready_nodes}/{len(status.nodes)} {'pods' if status.backend == 'kuberay' else 'Ray nodes'} Ready; "
-               f"{sum(n.gpus for n in status.nodes)} GPUs; "
-               f"{_expiry(status.expires_at)}" + (f"; dashboard {status.address}" if status.address else ""))
+    where = f" namespace {status.namespace}" if status.namespace else ""
+    release = f" release {status.release.status} rev {status.release.revision}" if status.release else ""
+    state = "ready" if status.ready else "not ready" if status.exists else "absent"
+    click.echo(f"{status.name}: {status.backend}{where}{release}; {state}; "
+               f"{ready_nodes}/{len(status.nodes)} {status.node_kind}s Ready; {sum(n.gpus for n in status.nodes)} GPUs; "
+               f"{_expiry(status.expires_at)}" + (f"; dashboard {status.address}" if status.address else "")
+               + (f"; MLflow {status.tracking_uri}" if status.tracking_uri else ""))
     for n in status.nodes:
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"
                    f"{f'  {n.gpus} GPU' if n.gpus else ''}")
 
 
-def _dry_run_up(p: Any, env: dict[str, Any] | None, ttl_s: float | None, as_json: bool) -> None:
+def _print_plan(plan: Plan) -> None:
     import shlex
 
-    from hpcray.backends.kuberay import KubeRayBackend
-
-    if p.backend != "kuberay":
-        click.echo(f"# profile {p.name} uses the local backend: `up` starts a Ray head on this machine (no helm)")
-        return
-    if env is None and p.mlflow.credentials != "none":  # a dry run without credentials shows where they would go
-        from hpcray.secrets import Secret
-        from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR
-
-        env = {USERNAME_VAR: "<unset>", PASSWORD_VAR: Secret("<unset>")}
-    plan = KubeRayBackend(p).plan(env=env, ttl_s=ttl_s, warn=echo_err)
-    command = shlex.join([plan.helm.path, *plan.argv])
-    secret = None if plan.secret is None else {
-        "name": p.secret_name, "namespace": p.kubernetes.namespace, "data": {k: str(v) for k, v in plan.secret.items()}}
-    if as_json:
-        print_json({"helm_argv": [plan.helm.path, *plan.argv], "values": plan.values_yaml, "secret": secret,
-                    "expected_workers": plan.expected_workers, "expires_at": plan.expires_at})
-        return
-    if secret:
-        shown = ", ".join(f"{k}={v if k != 'password' else 'Secret(******)'}" for k, v in secret["data"].items())
-        click.echo(f"# would create/replace Secret {p.secret_name} in namespace {p.kubernetes.namespace}: {shown}")
-    click.echo(f"# would run (values on stdin):\n{command}\n# values:")
-    click.echo(plan.values_yaml, nl=False)
+    for step in plan.steps:
+        click.echo(f"# would {step.what}")
+        if step.argv:
+            click.echo(shlex.join(step.argv))
+        if step.stdin is not None:
+            click.echo("# stdin:")
+            click.echo(step.stdin, nl=False)
+    if plan.expires_at is not None:
+        click.echo(f"# {_expiry(plan.expires_at)}: `hpcray gc` removes it then")
 
 
 @cli.command()
@@ -515,9 +466,11 @@ def _dry_run_up(p: Any, env: dict[str, Any] | None, ttl_s: float | None, as_json
                                            "(default: the profile's ttl).")
 @click.option("--down-on-failure/--keep-on-failure", default=False, show_default=True,
               help="On timeout or Ctrl-C remove the release, or keep it for inspection.")
-@click.option("--port-forward", is_flag=True, help="Once ready, forward a local port to the dashboard until Ctrl-C.")
+@click.option("--port-forward", is_flag=True, help="Once ready, make the dashboard reachable here (a port-forward "
+                                                   "where the cluster needs one) until Ctrl-C.")
 @click.option("--port", type=int, default=8265, show_default=True, help="Local port for --port-forward (0: any).")
-@click.option("--dry-run", is_flag=True, help="Print the helm command and values; touch nothing.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done (the helm command and values, the head "
+                                              "that would start); touch nothing.")
 @json_option
 def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: bool, port_forward: bool, port: int,
        dry_run: bool, as_json: bool) -> None:
@@ -528,30 +481,27 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
     On timeout: a diagnosis of every pod not Ready and exit 4. Ctrl-C: stop waiting, exit 130; the release is
     removed with --down-on-failure, otherwise left (`hpcray down` removes it).
     """
-    from hpcray.backends import backend_for
+    from hpcray import flows
     from hpcray.profile import load_profile
 
     p = load_profile(profile_ref)
-    timeout_s = _duration(timeout or p.timeout, "--timeout")
-    ttl_s = _duration(ttl or p.ttl, "--ttl")
-    credentials = _credentials_for(p, dry_run)
-    env = credentials.env() if credentials else None
+    timeout_s, ttl_s = _optional_duration(timeout, "--timeout"), _optional_duration(ttl, "--ttl")
     if dry_run:
-        _dry_run_up(p, env, ttl_s, as_json)
+        plan = flows.plan_up(p, ttl_s=ttl_s, warn=echo_err)
+        if as_json:
+            print_json(plan.to_json())
+        else:
+            _print_plan(plan)
         return
-    backend = backend_for(p)
-    status = backend.up(timeout=timeout_s or 7200.0, progress=echo_err, env=env, ttl_s=ttl_s,
-                        down_on_failure=down_on_failure)
+    status = flows.up(p, timeout_s=timeout_s, ttl_s=ttl_s, down_on_failure=down_on_failure, progress=echo_err)
     if as_json:
         print_json(status.to_json())
     else:
         _print_cluster(status)
-        if p.backend == "kuberay" and not port_forward:
-            click.echo(f"dashboard: `hpcray dashboard -p {profile_ref}` forwards a local port to "
-                       f"{status.details['service']}:8265")
-    if port_forward and p.backend == "kuberay":
-        backend.dashboard(port=port, progress=echo_err,  # type: ignore[attr-defined]
-                          on_ready=lambda url: click.echo(f"dashboard: {url} (Ctrl-C stops the port-forward)"))
+    if port_forward:
+        flows.dashboard(p, port=port, progress=echo_err, on_ready=lambda url: click.echo(f"dashboard: {url}"))
+    elif status.address is None and not as_json:
+        click.echo(f"dashboard: `hpcray dashboard -p {profile_ref}` makes it reachable on this machine")
 
 
 @cli.command()
@@ -560,61 +510,44 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; touch nothing.")
 def down(profile_ref: str, timeout: str, dry_run: bool) -> None:
     """Remove the profile's Ray cluster and wait until none of its pods is left (absent: says so, succeeds)."""
-    from hpcray.backends import backend_for
+    from hpcray import flows
     from hpcray.profile import load_profile
 
     p = load_profile(profile_ref)
+    timeout_s = duration(timeout, "--timeout")
     if dry_run:
-        if p.backend != "kuberay":
-            click.echo(f"# profile {p.name} uses the local backend: `down` stops its Ray head on this machine")
-            return
-        import shlex
-
-        from hpcray import helm
-
-        click.echo(f"# would run:\n{shlex.join([helm.find_helm().path, *helm.uninstall_args(p)])}")
-        click.echo(f"# would delete Secret {p.secret_name} and wait for the pods labelled ray.io/cluster="
-                   f"{p.raycluster_name} in namespace {p.kubernetes.namespace} to be gone")
+        _print_plan(flows.plan_down(p))
         return
-    removed = backend_for(p).down(progress=echo_err, timeout=_duration(timeout, "--timeout") or 300.0)
+    removed = flows.down(p, timeout_s=timeout_s, progress=echo_err)
     click.echo(f"{p.name}: removed" if removed else f"{p.name}: nothing to remove (it was not running)")
 
 
 @cli.command()
 @click.argument("job_id", required=False)
 @profile_option
+@address_option
 @click.option("--all", "all_releases", is_flag=True, help="Every hpcray release in the profile's kube context.")
 @json_option
-@click.pass_context
-def status(ctx: click.Context, job_id: str | None, profile_ref: str, all_releases: bool, as_json: bool) -> None:
+def status(job_id: str | None, profile_ref: str, address: str | None, all_releases: bool, as_json: bool) -> None:
     """Show the profile's cluster (pods, age, GPUs, expiry), every hpcray release with --all, or a job by JOB_ID."""
     if job_id is not None:
-        job_status_cmd = cli.get_command(ctx, "job-status")
-        if job_status_cmd is None:
-            from hpcray.errors import HpcrayError
-
-            raise HpcrayError(f"job status is not available in this build of hpcray; use `ray job status {job_id}` "
-                              "against the dashboard address")
-        job_status_cmd.main([job_id, "--profile", profile_ref, *(["--json"] if as_json else [])],
-                            prog_name="hpcray job-status", standalone_mode=False)
+        _job_status(profile_ref, address, job_id, as_json)
         return
+    from hpcray import flows
     from hpcray.profile import load_profile
 
     p = load_profile(profile_ref)
     if all_releases:
-        from hpcray.backends.kuberay import all_clusters
-
-        clusters = all_clusters(p)
+        clusters = flows.fleet(p)
         if as_json:
             print_json([c.to_json() for c in clusters])
-        elif not clusters:
+            return
+        if not clusters:
             click.echo("no hpcray releases in this kube context")
-        for c in clusters if not as_json else []:
+        for c in clusters:
             _print_cluster(c)
         return
-    from hpcray.backends import backend_for
-
-    st = backend_for(p).status()
+    st = flows.status(p)
     if as_json:
         print_json(st.to_json())
     else:
@@ -627,10 +560,10 @@ def status(ctx: click.Context, job_id: str | None, profile_ref: str, all_release
 @json_option
 def gc(profile_ref: str, dry_run: bool, as_json: bool) -> None:
     """Uninstall every hpcray release whose --ttl has passed, in every namespace of the profile's kube context."""
-    from hpcray.backends import kuberay
+    from hpcray import flows
     from hpcray.profile import load_profile
 
-    expired = kuberay.gc(load_profile(profile_ref), dry_run=dry_run, progress=echo_err)
+    expired = flows.gc(load_profile(profile_ref), dry_run=dry_run, progress=echo_err)
     if as_json:
         print_json([{"name": e.name, "namespace": e.namespace, "expired_at": e.expired_at, "removed": not dry_run}
                     for e in expired])
@@ -643,25 +576,30 @@ def gc(profile_ref: str, dry_run: bool, as_json: bool) -> None:
 
 @cli.command()
 @profile_option
-@click.option("--port", type=int, default=8265, show_default=True, help="Local port (0: any free one).")
+@click.option("--port", type=int, default=8265, show_default=True,
+              help="Local port of the forward to the head's dashboard (0: any free one), where one is needed.")
 def dashboard(profile_ref: str, port: int) -> None:
-    """Forward 127.0.0.1:PORT to the head's dashboard (8265) until Ctrl-C, reconnecting when it drops."""
-    from hpcray.backends import backend_for
+    """Make the head's dashboard reachable on 127.0.0.1 and print its address: a port-forward to the head pod until
+    Ctrl-C, reconnecting when it drops (kuberay), or the local head's own port."""
+    from hpcray import flows
     from hpcray.profile import load_profile
 
-    p = load_profile(profile_ref)
-    backend = backend_for(p)
-    if p.backend != "kuberay":
-        with backend.reach(echo_err) as address:
-            click.echo(address)
+    flows.dashboard(load_profile(profile_ref), port=port, progress=echo_err,
+                    on_ready=lambda url: click.echo(f"dashboard: {url}"))
+
+
+def _print_run_plan(plan: RunPlan, as_json: bool) -> None:
+    from hpcray.jobs import redact
+
+    if as_json:
+        print_json({"up": plan.up.to_json(),
+                    "jobs": [{"job": s.name, **redact(s.submission.payload())} for s in plan.jobs],
+                    "then": plan.then})
         return
-    backend.dashboard(port=port, progress=echo_err,  # type: ignore[attr-defined]
-                      on_ready=lambda url: click.echo(f"dashboard: {url} (Ctrl-C stops the port-forward)"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# run (hpcray.run): up → jobs → down, teardown guaranteed
-# ---------------------------------------------------------------------------------------------------------------
+    _print_plan(plan.up)
+    for s in plan.jobs:
+        _print_submission(s, False)
+    click.echo(f"# then: {plan.then}")
 
 
 @cli.command("run")
@@ -669,7 +607,8 @@ def dashboard(profile_ref: str, port: int) -> None:
 @click.argument("job_names", metavar="JOB...", nargs=-1, required=True)
 @click.option("--keep", is_flag=True, help="Leave the cluster up afterwards (default: tear it down).")
 @click.option("--timeout", metavar="DUR", help="How long to wait for the cluster (default: the profile's timeout).")
-@click.option("--dry-run", is_flag=True, help="Print what would be brought up and submitted; touch nothing.")
+@click.option("--dry-run", is_flag=True, help="Print what would be brought up, submitted and torn down; touch "
+                                              "nothing.")
 @json_option
 def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, dry_run: bool,
             as_json: bool) -> None:
@@ -680,36 +619,20 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
     is stopped first); --keep leaves the cluster up. MLflow is checked before anything starts.
     Exit code: the worst job's (0 SUCCEEDED, 1 FAILED, 3 STOPPED), 2 when nothing ran, 128+N on signal N.
     """
-    from hpcray.profile import load_profile, parse_duration
-    from hpcray.run import run, summary
+    from hpcray import flows
+    from hpcray.profile import load_profile
 
     p = load_profile(profile_ref)
-    wait = None
-    if timeout:
-        try:
-            wait = parse_duration(timeout)
-        except ValueError:
-            raise click.BadParameter(f"{timeout!r} is not a duration like 90s, 30m, 2h", param_hint="--timeout") from None
+    timeout_s = _optional_duration(timeout, "--timeout")
     if dry_run:
-        from hpcray import jobs
-
-        credentials = _credentials_for(p, True)
-        missing = [n for n in job_names if n not in p.jobs]
-        if missing:
-            raise click.BadParameter(f"no job {missing[0]!r} in {p.source}; its jobs: {', '.join(p.jobs)}",
-                                     param_hint="JOB")
-        _dry_run_up(p, credentials.env() if credentials else None, None, False)
-        for name in job_names:
-            sub = jobs.build_submission(p, jobs.job_spec(p, name, []), name=name, credentials=credentials,
-                                        warn=echo_err)
-            _print_submission(sub, name, False)
-        click.echo(f"# then: {'keep the cluster (--keep)' if keep else f'hpcray down --profile {p.source}'}")
+        _print_run_plan(flows.plan_run(p, list(job_names), keep=keep, warn=echo_err), as_json)
         return
-    report = run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep, timeout=wait)
+    report = flows.run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep,
+                       timeout_s=timeout_s)
     if as_json:
         print_json(report.to_json())
     else:
-        click.echo("\n".join(["", "== hpcray run: summary =="] + summary(report)))
+        click.echo("\n".join(["", "== hpcray run: summary =="] + flows.summary(report)))
     sys.exit(report.exit_code)
 
 

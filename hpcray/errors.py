@@ -2,7 +2,7 @@
 
 Each error carries the fix in its message; ``cli.py`` prints it on one line and exits with ``exit_code``.
 Exit codes: 0 success, 1 a job failed, 2 bad input or an unmet precondition, 3 a job was stopped,
-4 a wait timed out, 130/143 interrupted by SIGINT/SIGTERM.
+4 a wait timed out, 128+N interrupted by signal N (130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_JOB_STOPPED = 3
 EXIT_TIMEOUT = 4
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class HpcrayError(Exception):
@@ -49,6 +47,10 @@ class ToolMissing(HpcrayError):
 
 class HelmError(HpcrayError):
     """helm failed; the message is helm's stderr reduced to one actionable line."""
+
+
+class ReleaseNotFound(HelmError):
+    """helm says the release does not exist (where one was expected: upgrade of a removed release, rollback)."""
 
 
 class KubeError(HpcrayError):
@@ -99,12 +101,16 @@ class ImageError(HpcrayError):
     """The SIF image is missing or its pull failed."""
 
 
-class Interrupted(HpcrayError):
-    """hpcray was interrupted by a signal after cleaning up."""
+class OutputError(HpcrayError):
+    """A file hpcray was asked to write (`render -o FILE`) cannot be written."""
 
-    def __init__(self, signum: int) -> None:
+
+class Interrupted(HpcrayError):
+    """hpcray was interrupted by a signal; the message says what was cleaned up or left (default: cleaned up)."""
+
+    def __init__(self, signum: int, message: str | None = None) -> None:
         import signal
 
         self.signum = signum
         self.exit_code = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; cleaned up")
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}; cleaned up")

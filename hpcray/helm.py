@@ -14,10 +14,29 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hpcray.errors import ChartError, HelmError, ToolMissing
-from hpcray.profile import REPO_ROOT, ChartSpec, Profile
+from hpcray.errors import ChartError, HelmError, ReleaseNotFound, ToolMissing
+from hpcray.kube import Target
+from hpcray.state import write_atomic
 
 SUPPORTED_MAJORS = (3, 4)
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A chart reference: a packaged chart file (`path`), or `name` at `version` in the repository `repo`."""
+
+    name: str
+    version: str
+    repo: str
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """One release, by name, where it lives: what every helm command of a release takes."""
+
+    name: str
+    where: Target
 
 
 @dataclass(frozen=True)
@@ -43,8 +62,7 @@ def find_helm() -> Helm:
             raise ToolMissing(f"HPCRAY_HELM={chosen} is not an executable file; point it at helm 3 or 4, or unset it "
                               "to use the helm on PATH")
         return _probe(chosen)
-    candidates = [shutil.which("helm"), str(Path(sys.executable).parent / "helm"),
-                  str(REPO_ROOT / ".tools" / "helm3" / "helm")]
+    candidates = [shutil.which("helm"), str(Path(sys.executable).parent / "helm")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return _probe(c)
@@ -67,17 +85,17 @@ def _probe(path: str) -> Helm:
     return helm
 
 
-def kube_args(p: Profile) -> list[str]:
-    return ["--namespace", p.kubernetes.namespace, *context_args(p)]
+def kube_args(where: Target) -> list[str]:
+    return ["--namespace", where.namespace, *context_args(where)]
 
 
-def context_args(p: Profile) -> list[str]:
-    """The profile's kube context and kubeconfig, without a namespace (for operations across namespaces)."""
+def context_args(where: Target) -> list[str]:
+    """The kube context and kubeconfig, without a namespace (for operations across namespaces)."""
     args: list[str] = []
-    if p.kubernetes.context:
-        args += ["--kube-context", p.kubernetes.context]
-    if p.kubernetes.kubeconfig:
-        args += ["--kubeconfig", str(p.resolve_path(p.kubernetes.kubeconfig))]
+    if where.context:
+        args += ["--kube-context", where.context]
+    if where.kubeconfig:
+        args += ["--kubeconfig", where.kubeconfig]
     return args
 
 
@@ -96,8 +114,13 @@ def run(helm: Helm, args: list[str], *, stdin: str | None = None, timeout: float
         raise HelmError(f"{what}: helm was killed by {signal.Signals(-done.returncode).name} before it finished; run "
                         "the command again (`hpcray up` recovers a release a killed helm left pending)")
     if done.returncode != 0:
+        if re.search(_NOT_FOUND, done.stderr):
+            raise ReleaseNotFound(f"{what}: no such release")
         raise HelmError(f"{what}: {explain(done.stderr)}")
     return done
+
+
+_NOT_FOUND = r"release: not found|release not found"
 
 
 _EXPLANATIONS: list[tuple[str, str]] = [
@@ -120,7 +143,6 @@ _EXPLANATIONS: list[tuple[str, str]] = [
      "chart version not found in the repository; fix chart.version (see `helm search repo kuberay --versions`)"),
     (r"forbidden|Unauthorized|is forbidden",
      "the Kubernetes API refused us (no permission); check your credentials and RBAC in namespace"),
-    (r"release: not found|release not found", "no such release"),
 ]
 
 
@@ -151,13 +173,11 @@ def _chart_dirs() -> list[Path]:
     return dirs + [cache_dir()]
 
 
-def resolve_chart(helm: Helm | None, p: Profile, name: str | None = None) -> Path:
-    """A local packaged chart for the profile (the ray-cluster chart, or `name` such as kuberay-operator)."""
-    spec: ChartSpec = p.chart
-    if p.chart.path and name is None:
-        return p.resolve_path(p.chart.path)
-    chart = name or spec.name
-    filename = f"{chart}-{spec.version}.tgz"
+def resolve_chart(helm: Helm | None, chart: Chart) -> Path:
+    """A local packaged chart: its path, one in $HPCRAY_CHARTS_DIR or the cache, else pulled into the cache."""
+    if chart.path:
+        return chart.path
+    filename = f"{chart.name}-{chart.version}.tgz"
     for d in _chart_dirs():
         if (d / filename).is_file():
             return d / filename
@@ -166,39 +186,42 @@ def resolve_chart(helm: Helm | None, p: Profile, name: str | None = None) -> Pat
     dest = cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        run(helm, ["pull", chart, "--repo", spec.repo, "--version", spec.version, "--destination", str(dest)],
-            timeout=120, what=f"helm pull {chart} {spec.version}")
+        run(helm, ["pull", chart.name, "--repo", chart.repo, "--version", chart.version, "--destination", str(dest)],
+            timeout=120, what=f"helm pull {chart.name} {chart.version}")
     except HelmError as exc:
-        raise ChartError(f"chart {chart} {spec.version} is not available locally and could not be pulled from "
-                         f"{spec.repo} ({exc}); set chart.path to a .tgz or HPCRAY_CHARTS_DIR to a folder of "
+        raise ChartError(f"chart {chart.name} {chart.version} is not available locally and could not be pulled "
+                         f"from {chart.repo} ({exc}); set chart.path to a .tgz or HPCRAY_CHARTS_DIR to a folder of "
                          "charts") from None
     return dest / filename
 
 
-def template(helm: Helm, p: Profile, values_yaml: str) -> str:
-    """`helm template` of the profile's chart with the given values (passed on stdin, never written to disk)."""
-    chart = resolve_chart(helm, p)
-    args = ["template", p.release, str(chart), "--namespace", p.kubernetes.namespace, "--values", "-"]
+def template(helm: Helm, chart: Chart, release: Release, values_yaml: str) -> str:
+    """`helm template` of the chart as the release, with the given values (passed on stdin, never written to disk)."""
+    args = ["template", release.name, str(resolve_chart(helm, chart)), "--namespace", release.where.namespace,
+            "--values", "-"]
     return run(helm, args, stdin=values_yaml, timeout=60, what="helm template").stdout
 
 
-def raycluster_crd_schema(helm: Helm | None, p: Profile) -> dict[str, Any] | None:
+OPERATOR_CHART = "kuberay-operator"
+
+
+def raycluster_crd_schema(helm: Helm | None, chart: Chart) -> dict[str, Any] | None:
     """The RayCluster openAPIV3Schema for the chart's KubeRay version: from $HPCRAY_CRD_DIR, a crds/ folder beside
-    the charts, or the kuberay-operator chart of the same version. None when none can be had.
+    the charts, or the kuberay-operator chart of the same version (from the same repository). None when none can
+    be had.
 
     The v1 schema is cached as JSON beside the charts, keyed by its source file: parsing the 0.8 MB CRD YAML costs
     ~1 s per command, reading the JSON ~20 ms."""
     import hashlib
-    import json
 
-    version = p.chart.version
+    version = chart.version
     dirs = [Path(d) for d in os.environ.get("HPCRAY_CRD_DIR", "").split(os.pathsep) if d]
     dirs += [d / "crds" for d in _chart_dirs()]
     source = next((d / f"ray.io_rayclusters-{version}.yaml" for d in dirs
                    if (d / f"ray.io_rayclusters-{version}.yaml").is_file()), None)
     if source is None:
         try:
-            source = resolve_chart(helm, p, name="kuberay-operator")
+            source = resolve_chart(helm, Chart(OPERATOR_CHART, version, chart.repo))
         except (ChartError, ToolMissing):
             return None
     st = source.stat()
@@ -210,10 +233,7 @@ def raycluster_crd_schema(helm: Helm | None, p: Profile) -> dict[str, Any] | Non
         pass
     schema = _schema_from(source)
     if schema is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(schema))
-        os.replace(tmp, cached)
+        write_atomic(cached, json.dumps(schema), mode=0o644)
     return schema
 
 
@@ -244,7 +264,9 @@ PENDING = ("pending-install", "pending-upgrade", "pending-rollback", "uninstalli
 
 
 @dataclass(frozen=True)
-class Release:
+class ReleaseInfo:
+    """A release as helm reports it."""
+
     name: str
     namespace: str
     revision: int
@@ -253,81 +275,82 @@ class Release:
     updated: str = ""
 
 
-def upgrade_install_args(helm: Helm, p: Profile, chart: Path, labels: dict[str, str], timeout_s: float) -> list[str]:
+def upgrade_install_args(helm: Helm, release: Release, chart: Path, labels: dict[str, str],
+                         timeout_s: float) -> list[str]:
     """`helm upgrade --install`, values on stdin. The rollback flag makes a failed install leave no release behind;
     helm's own wait covers only the RayCluster object: the pods are watched by hpcray.kube."""
     label_arg = ",".join(f"{k}={v}" for k, v in labels.items())
-    args = ["upgrade", "--install", p.release, str(chart), *kube_args(p), "--values", "-", "--labels", label_arg,
-            helm.rollback_flag, "--timeout", f"{max(1, int(timeout_s))}s", "--output", "json"]
+    args = ["upgrade", "--install", release.name, str(chart), *kube_args(release.where), "--values", "-",
+            "--labels", label_arg, helm.rollback_flag, "--timeout", f"{max(1, int(timeout_s))}s", "--output", "json"]
     if helm.major >= 4:
         args.append("--wait=hookOnly")  # --rollback-on-failure would otherwise wait with kstatus on the RayCluster
     return args
 
 
-def upgrade_install(helm: Helm, p: Profile, values_yaml: str, labels: dict[str, str], timeout_s: float) -> Release:
-    args = upgrade_install_args(helm, p, resolve_chart(helm, p), labels, timeout_s)
-    done = run(helm, args, stdin=values_yaml, timeout=timeout_s + 30, what=f"helm upgrade --install {p.release}")
+def upgrade_install(helm: Helm, release: Release, argv: list[str], values_yaml: str, timeout_s: float) \
+        -> ReleaseInfo:
+    """Run the argv `upgrade_install_args` made for the release."""
+    done = run(helm, argv, stdin=values_yaml, timeout=timeout_s + 30, what=f"helm upgrade --install {release.name}")
     return _release_of(json.loads(done.stdout))
 
 
-def uninstall_args(p: Profile, timeout_s: float = 300) -> list[str]:
-    return ["uninstall", p.release, *kube_args(p), "--timeout", f"{int(timeout_s)}s"]
+def uninstall_args(release: Release, timeout_s: float = 300) -> list[str]:
+    return ["uninstall", release.name, *kube_args(release.where), "--timeout", f"{int(timeout_s)}s"]
 
 
-def uninstall(helm: Helm, p: Profile, timeout_s: float = 300) -> bool:
+def uninstall(helm: Helm, release: Release, timeout_s: float = 300) -> bool:
     """Remove the release; False when there was none."""
-    done = _run_or_missing(helm, uninstall_args(p, timeout_s), timeout=timeout_s + 30,
-                           what=f"helm uninstall {p.release}")
+    done = _run_or_missing(helm, uninstall_args(release, timeout_s), timeout=timeout_s + 30,
+                           what=f"helm uninstall {release.name}")
     return done is not None
 
 
-def status(helm: Helm, p: Profile) -> Release | None:
-    done = _run_or_missing(helm, ["status", p.release, *kube_args(p), "--output", "json"], timeout=60,
-                           what=f"helm status {p.release}")
+def status(helm: Helm, release: Release) -> ReleaseInfo | None:
+    done = _run_or_missing(helm, ["status", release.name, *kube_args(release.where), "--output", "json"], timeout=60,
+                           what=f"helm status {release.name}")
     return None if done is None else _release_of(json.loads(done.stdout))
 
 
-def history(helm: Helm, p: Profile) -> list[Release]:
-    done = _run_or_missing(helm, ["history", p.release, *kube_args(p), "--output", "json"], timeout=60,
-                           what=f"helm history {p.release}")
+def history(helm: Helm, release: Release) -> list[ReleaseInfo]:
+    done = _run_or_missing(helm, ["history", release.name, *kube_args(release.where), "--output", "json"],
+                           timeout=60, what=f"helm history {release.name}")
     if done is None:
         return []
-    return [Release(p.release, p.kubernetes.namespace, int(r["revision"]), r["status"], r.get("chart", ""),
-                    r.get("updated", "")) for r in json.loads(done.stdout)]
+    return [ReleaseInfo(release.name, release.where.namespace, int(r["revision"]), r["status"], r.get("chart", ""),
+                        r.get("updated", "")) for r in json.loads(done.stdout)]
 
 
-def list_releases(helm: Helm, p: Profile, *, all_namespaces: bool = False, selector: str = "hpcray=true") \
-        -> list[Release]:
-    """Releases made by hpcray (any status) in the profile's namespace, or in every namespace of its context."""
-    scope = ["--all-namespaces", *context_args(p)] if all_namespaces else kube_args(p)
+def list_releases(helm: Helm, where: Target) -> list[ReleaseInfo]:
+    """Releases made by hpcray (any status) in every namespace of the target's context."""
     every_status = ["--all"] if helm.major == 3 else []  # helm 4 lists every status by default and has no --all
-    done = run(helm, ["list", "--selector", selector, *every_status, *scope, "--output", "json"], timeout=60,
-               what="helm list")
-    return [Release(r["name"], r["namespace"], int(r["revision"]), r["status"], r.get("chart", ""),
-                    r.get("updated", "")) for r in json.loads(done.stdout or "[]")]
+    done = run(helm, ["list", "--selector", f"{MANAGED_LABEL}=true", *every_status, "--all-namespaces",
+                      *context_args(where), "--output", "json"], timeout=60, what="helm list")
+    return [ReleaseInfo(r["name"], r["namespace"], int(r["revision"]), r["status"], r.get("chart", ""),
+                        r.get("updated", "")) for r in json.loads(done.stdout or "[]")]
 
 
-def rollback(helm: Helm, p: Profile, revision: int, timeout_s: float = 300) -> None:
-    run(helm, ["rollback", p.release, str(revision), *kube_args(p), "--timeout", f"{int(timeout_s)}s"],
-        timeout=timeout_s + 30, what=f"helm rollback {p.release} {revision}")
+def rollback(helm: Helm, release: Release, revision: int, timeout_s: float = 300) -> None:
+    run(helm, ["rollback", release.name, str(revision), *kube_args(release.where), "--timeout", f"{int(timeout_s)}s"],
+        timeout=timeout_s + 30, what=f"helm rollback {release.name} {revision}")
 
 
-def recover(helm: Helm, p: Profile, current: Release | None) -> str | None:
+def recover(helm: Helm, release: Release, current: ReleaseInfo | None) -> str | None:
     """Bring a release (`current`, from status()) that a killed or failed helm left pending-* or failed back to
     something `upgrade --install` accepts. Returns what was done, in words, or None when nothing needed doing.
 
-    The caller holds the profile's lock, so a pending release is not another hpcray's install in progress."""
+    The caller holds the release's lock, so a pending release is not another hpcray's install in progress."""
     if current is None or current.status not in (*PENDING, "failed"):
         return None
-    good = [r for r in history(helm, p) if r.status in ("deployed", "superseded") and r.revision < current.revision]
+    good = [r for r in history(helm, release) if r.status in ("deployed", "superseded")
+            and r.revision < current.revision]
     if current.status == "failed" and good:
         return None  # helm upgrades a failed release that has a deployed revision before it
     if good:
-        rollback(helm, p, good[-1].revision)
-        return (f"release {p.release} was left {current.status} at revision {current.revision} (a helm that was "
+        rollback(helm, release, good[-1].revision)
+        return (f"release {release.name} was left {current.status} at revision {current.revision} (a helm that was "
                 f"killed or failed); rolled it back to revision {good[-1].revision}")
-    uninstall(helm, p)
-    return (f"release {p.release} was left {current.status} with no working revision (a helm that was killed or "
+    uninstall(helm, release)
+    return (f"release {release.name} was left {current.status} with no working revision (a helm that was killed or "
             "failed); uninstalled it")
 
 
@@ -336,16 +359,14 @@ def _run_or_missing(helm: Helm, args: list[str], *, timeout: float, what: str) \
     """run(), but None where helm says the release does not exist."""
     try:
         return run(helm, args, timeout=timeout, what=what)
-    except HelmError as exc:
-        if str(exc).endswith(": no such release"):  # explain() of helm's "release: not found"
-            return None
-        raise
+    except ReleaseNotFound:
+        return None
 
 
-def _release_of(data: dict[str, Any]) -> Release:
+def _release_of(data: dict[str, Any]) -> ReleaseInfo:
     info = data.get("info", {})
-    return Release(data["name"], data.get("namespace", ""), int(data.get("version", 0)), info.get("status", ""),
-                   _chart_name(data.get("chart", {})), info.get("last_deployed", ""))
+    return ReleaseInfo(data["name"], data.get("namespace", ""), int(data.get("version", 0)), info.get("status", ""),
+                       _chart_name(data.get("chart", {})), info.get("last_deployed", ""))
 
 
 def _chart_name(chart: dict[str, Any]) -> str:

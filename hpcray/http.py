@@ -32,7 +32,8 @@ class Endpoint:
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def url(self, path: str) -> str:
-        return self.base.rstrip("/") + path
+        """The base with `path` appended; the base as given (a trailing slash kept) when there is no path."""
+        return self.base.rstrip("/") + path if path else self.base
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -22,8 +23,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from hpcray.errors import KubeError
-from hpcray.profile import Profile
 from hpcray.secrets import Secret
+from hpcray.waiting import Deadline
 
 HEAD_LABEL = "ray.io/node-type"
 CLUSTER_LABEL = "ray.io/cluster"
@@ -32,6 +33,16 @@ RECONNECT_MAX_S = 2.0
 WATCH_CHUNK_S = 60  # a watch the server ends after this long is resumed from its resourceVersion at no cost
 
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where on Kubernetes: a namespace, in a context of a kubeconfig (None: the kubeconfig's current context;
+    $KUBECONFIG or ~/.kube/config)."""
+
+    namespace: str = "default"
+    context: str | None = None
+    kubeconfig: str | None = None
 
 
 @dataclass
@@ -62,24 +73,23 @@ class Kube:
         return json.loads(response.data)
 
 
-def connect(p: Profile, *, check_namespace: bool = True) -> Kube:
-    """A client for the profile's kubeconfig and context; KubeError in one line when they are wrong."""
+def connect(where: Target, *, check_namespace: bool = True) -> Kube:
+    """A client for the target's kubeconfig and context; KubeError in one line when they are wrong."""
     from kubernetes import config
     from kubernetes.client import ApiClient, Configuration
 
-    path = str(p.resolve_path(p.kubernetes.kubeconfig)) if p.kubernetes.kubeconfig else \
-        os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    path = where.kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     if not any(os.path.isfile(f) for f in path.split(os.pathsep)):
         raise KubeError(f"kubeconfig {path} does not exist; set kubernetes.kubeconfig or $KUBECONFIG to your "
                         "cluster's kubeconfig")
     configuration = type.__call__(Configuration)
     try:
-        config.load_kube_config(config_file=path, context=p.kubernetes.context, client_configuration=configuration,
+        config.load_kube_config(config_file=path, context=where.context, client_configuration=configuration,
                                 persist_config=False)
     except config.ConfigException as exc:
-        raise KubeError(_config_problem(str(exc), path, p.kubernetes.context)) from None
+        raise KubeError(_config_problem(str(exc), path, where.context)) from None
     configuration.retries = 0  # hpcray retries where it makes sense (the watch); elsewhere fail in one line
-    kube = Kube(ApiClient(configuration), p.kubernetes.namespace, configuration.host)
+    kube = Kube(ApiClient(configuration), where.namespace, configuration.host)
     if check_namespace:
         with api_errors(kube, f"read namespace {kube.namespace}", namespace_check=True):
             kube.request("GET", "/api/v1/namespaces/{name}", name=kube.namespace, timeout=10)
@@ -347,7 +357,7 @@ class PodWatch:
         self.lost: str | None = None  # why the API server is out of reach, while it is
         self._rv: str | None = None
 
-    def until(self, condition: Callable[[dict[str, Obj]], bool], *, deadline: float,
+    def until(self, condition: Callable[[dict[str, Obj]], bool], *, deadline: Deadline,
               on_change: PodChange | None = None) -> bool:
         """Block until condition(pods) holds (True) or the deadline passes (False)."""
         from kubernetes.client.rest import ApiException
@@ -360,7 +370,7 @@ class PodWatch:
                     self._relist(on_change)
                     if condition(self.pods):
                         return True
-                if time.monotonic() >= deadline:
+                if deadline.passed:
                     return False
                 if self._stream(condition, deadline, on_change):
                     return True
@@ -374,9 +384,9 @@ class PodWatch:
                 self._lose(f"{exc.status} {exc.reason}")
             except (HTTPError, OSError) as exc:
                 self._lose(_network_reason(exc))
-            if time.monotonic() + backoff >= deadline:
+            if deadline.left <= backoff:
                 return False
-            time.sleep(backoff)
+            deadline.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX_S)
 
     def _relist(self, on_change: PodChange | None) -> None:
@@ -395,11 +405,11 @@ class PodWatch:
                 on_change(name, pod)
         self._rv = listed["metadata"]["resourceVersion"]
 
-    def _stream(self, condition: Callable[[dict[str, Obj]], bool], deadline: float,
+    def _stream(self, condition: Callable[[dict[str, Obj]], bool], deadline: Deadline,
                 on_change: PodChange | None) -> bool:
         from kubernetes import watch
 
-        seconds = max(1, min(WATCH_CHUNK_S, int(deadline - time.monotonic() + 0.999)))
+        seconds = max(1, min(WATCH_CHUNK_S, math.ceil(deadline.left)))
         w = watch.Watch()
         stream = w.stream(self._list_pods, self.kube.namespace, label_selector=self.selector,
                           resource_version=self._rv, allow_watch_bookmarks=True, timeout_seconds=seconds,

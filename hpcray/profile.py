@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from hpcray.errors import ProfileError
+from hpcray.waiting import parse_duration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = REPO_ROOT / "values" / "profiles"
@@ -242,10 +243,6 @@ class Profile:
     def raycluster_name(self) -> str:
         """The RayCluster the chart creates: the release name plus the chart's default nameOverride."""
         return self.name if "kuberay" in self.name else f"{self.name}-kuberay"
-
-    @property
-    def secret_name(self) -> str:
-        return f"{self.name}-hpcray-mlflow"
 
     def resolve_path(self, value: str) -> Path:
         """A path from the profile, relative to the profile file's directory."""
@@ -479,16 +476,7 @@ def _describe(tp: Any) -> str:
 
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DURATION = re.compile(r"^(\d+(\.\d+)?)(s|m|h|d)$")
 _SLURM_RESOURCE_FLAGS = ("--cpus-per-task", "-c", "--mem", "--mem-per-cpu", "--mem-per-gpu")
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '30m', '6h', '2d' → seconds; ValueError otherwise."""
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
 
 
 def check_profile(p: Profile) -> None:
@@ -503,8 +491,8 @@ def check_profile(p: Profile) -> None:
         if value is not None:
             try:
                 parse_duration(value)
-            except ValueError:
-                fail(key, f"{value!r} is not a duration; write e.g. 90s, 30m, 6h or 2d")
+            except ValueError as exc:
+                fail(key, str(exc))
     if p.chart.path:
         chart = p.resolve_path(p.chart.path)
         if not chart.is_file():

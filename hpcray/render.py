@@ -13,7 +13,6 @@ from hpcray.state import QUIET_ENV
 
 VIRTUAL_NODE_TOLERATION = {"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"}
 PROFILE_LABEL = "hpcray.io/profile"
-MANAGED_LABEL = "app.kubernetes.io/managed-by-hpcray"
 
 
 @dataclass
@@ -46,14 +45,18 @@ def slurm_flags(p: Profile, g: HeadSpec) -> str:
 
 
 def mlflow_env(p: Profile) -> list[dict[str, Any]]:
-    """Environment of every Ray container: telemetry off, MLflow location, credentials by Secret reference only."""
+    """Environment of every Ray container: telemetry off, MLflow location, and credentials by reference to the
+    Secret of the credential plan, when it has one (never a value)."""
+    from hpcray.tracking import SECRET_KEYS, credential_plan
+
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in QUIET_ENV.items()]
     if p.mlflow.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": p.mlflow.tracking_uri})
         env.append({"name": "MLFLOW_EXPERIMENT_NAME", "value": p.mlflow.experiment})
-    if p.mlflow.credentials != "none" and p.mlflow.deliver == "secret" and p.mlflow.tracking_uri:
-        for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": p.secret_name, "key": key}}})
+    plan = credential_plan(p)
+    if plan.where == "secret":
+        for var, key in SECRET_KEYS.items():
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": plan.secret_name, "key": key}}})
     return env
 
 
@@ -258,16 +261,19 @@ def check_release(p: Profile, values_yaml: str, *, required: bool, warn: Any) ->
     from hpcray import helm
     from hpcray.errors import ChartError, ToolMissing
 
+    from hpcray import targets
+
+    chart = targets.chart(p)
     try:
         h = helm.find_helm()
-        manifest = helm.template(h, p, values_yaml)
+        manifest = helm.template(h, chart, targets.release(p), values_yaml)
     except (ToolMissing, ChartError) as exc:
         if required:
             raise
         warn(f"hpcray: warning: skipped the chart check ({exc})")
         return None
     raycluster = raycluster_of(manifest)
-    schema = helm.raycluster_crd_schema(h, p)
+    schema = helm.raycluster_crd_schema(h, chart)
     if schema is None:
         warn(f"hpcray: warning: no RayCluster CRD for KubeRay {p.chart.version} found; types were not checked "
              "(set HPCRAY_CRD_DIR to a folder with ray.io_rayclusters-<version>.yaml)")

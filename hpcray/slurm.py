@@ -1,4 +1,4 @@
-"""The only place that runs sbatch, scontrol and scancel: argument lists (never a shell string), job state from
+"""The only place that runs sbatch and scontrol: argument lists (never a shell string), job state from
 `scontrol show job -o` (works without accounting), and a job that ended badly as a SlurmError with its error output.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcray.errors import SlurmError, SlurmTimeout, ToolMissing
+from hpcray.waiting import Deadline
 
 # States after which a job never runs again. COMPLETING is not one: its processes may still be cleaning up.
 ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
@@ -90,7 +91,7 @@ def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 def _message(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else "no error message"
-    return re.sub(r"^(sbatch|scontrol|scancel|slurm_\w+)(: error)?:\s*", "", last)
+    return re.sub(r"^(sbatch|scontrol|slurm_\w+)(: error)?:\s*", "", last)
 
 
 def submit(script: str, fix: str = "") -> str:
@@ -112,12 +113,6 @@ def show(job_id: str) -> Job | None:
     return parse_job(done.stdout.strip().splitlines()[0])
 
 
-def cancel(job_id: str) -> None:
-    done = _run([tool("scancel"), job_id])
-    if done.returncode != 0:
-        raise SlurmError(f"scancel {job_id} failed: {_message(done.stderr)}")
-
-
 def _describe(job: Job) -> str:
     if job.state == "PENDING":
         return f"PENDING ({job.reason})" if job.reason else "PENDING"
@@ -130,8 +125,8 @@ def wait(job_id: str, *, timeout: float, say: Callable[[str], None],
          detail: Callable[[Job], str | None] | None = None, every: float = 30.0) -> Job:
     """Poll until the job has ended. `say` gets a line on each state change, and `detail(job)` at most every
     `every` seconds while it changes (e.g. bytes written). Raises SlurmTimeout (the job keeps running)."""
-    start = time.monotonic()
-    interval, last, last_detail, last_said = 0.2, "", None, start
+    deadline = Deadline(timeout)
+    interval, last, last_detail, last_said = 0.2, "", None, deadline.start
     while True:
         job = show(job_id)
         if job is None:
@@ -148,10 +143,10 @@ def wait(job_id: str, *, timeout: float, say: Callable[[str], None],
                 last_detail, last_said = note, time.monotonic()
         if job.ended:
             return job
-        if time.monotonic() - start > timeout:
+        if deadline.passed:
             raise SlurmTimeout(f"job {job_id} is still {job.state} after {timeout:.0f} s and keeps going: follow it "
                                f"with `scontrol show job {job_id}`, stop it with `scancel {job_id}`")
-        time.sleep(interval)
+        deadline.sleep(interval)
         interval = min(interval * 1.5, 5.0)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -40,3 +43,32 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(path: Path, holder: str, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while the block runs; `holder` names this command in words (e.g. "`hpcray
+    up` of lc") and is recorded with this pid for whoever waits. A second process waits for the lock; `waiting`, when
+    given, is first told for whom: "waiting for `hpcray up` of lc (pid N) to finish; …". Released by the kernel when
+    the process dies, so a crashed command never leaves it held."""
+    make_private(path.parent)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                fh.seek(0)
+                pid, _, who = fh.read().partition(" ")
+                pid = pid or "?"
+                waiting(f"waiting for {who or 'another hpcray command'} (pid {pid}) to finish; Ctrl-C it there, or "
+                        f"`kill {pid}`")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} {holder}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()

@@ -8,7 +8,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, Mapping, TextIO
 
 from hpcray.errors import CredentialsError, TrackingError
 from hpcray.profile import Profile
@@ -17,6 +17,8 @@ from hpcray.state import make_private
 
 USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
+SECRET_KEYS = {USERNAME_VAR: "username", PASSWORD_VAR: "password"}
+"""The keys of the Kubernetes Secret that holds the credentials, by the variable the pods read each into."""
 
 
 @dataclass(frozen=True)
@@ -25,29 +27,85 @@ class Credentials:
     password: Secret
 
     def env(self) -> dict[str, Secret | str]:
-        """What every Ray process of the cluster gets in its environment."""
+        """The variables MLflow's client reads them from."""
         return {USERNAME_VAR: self.username, PASSWORD_VAR: self.password}
 
 
-def load_credentials(p: Profile, *, environ: dict[str, str] | None = None,
+Delivery = Literal["secret", "head_env", "runtime_env"]
+
+
+@dataclass(frozen=True)
+class CredentialPlan:
+    """Who needs MLflow credentials and where they go: the one rule that render, the backends, the flows and the
+    CLI follow (from credential_plan).
+
+    ``where`` is
+    - "secret": a Kubernetes Secret (``secret_name``) that every Ray pod references (kuberay; mlflow.deliver: secret);
+    - "head_env": the local Ray head's environment, which every job inherits (local; mlflow.deliver: secret);
+    - "runtime_env": each job's runtime_env (mlflow.deliver: runtime_env; opt-in: the dashboard shows it);
+    - None: nowhere, because nothing takes a login: no tracking URI, a local store (sqlite:, file:, a path), or
+      mlflow.credentials: none.
+    ``source`` says where hpcray reads them (env, file, stdin) when they are needed.
+    """
+
+    where: Delivery | None
+    source: Literal["env", "file", "stdin"] | None = None
+    file: Path | None = None  # with source "file"
+    secret_name: str | None = None  # with where "secret"
+
+    @property
+    def in_cluster(self) -> bool:
+        """`up` gives them to the cluster (a Secret, the head's environment)."""
+        return self.where in ("secret", "head_env")
+
+    @property
+    def in_job(self) -> bool:
+        """Each submission carries them (runtime_env)."""
+        return self.where == "runtime_env"
+
+    def load(self, *, environ: Mapping[str, str] | None = None, stdin: TextIO | None = None) -> Credentials | None:
+        """The credentials, read from their source; None when nobody needs them. CredentialsError when missing."""
+        if self.where is None:
+            return None
+        if self.source == "env":
+            env = os.environ if environ is None else environ
+            user, password = env.get(USERNAME_VAR), env.get(PASSWORD_VAR)
+            if not user or not password:
+                unset = [v for v, val in ((USERNAME_VAR, user), (PASSWORD_VAR, password)) if not val]
+                missing = f"{' and '.join(unset)} {'are' if len(unset) > 1 else 'is'} not set"
+                raise CredentialsError(f"mlflow.credentials is 'env' but {missing}; export it (e.g. "
+                                       f"`read -s {PASSWORD_VAR}; export {PASSWORD_VAR}`), or use a credentials file")
+            return Credentials(user, Secret(password))
+        if self.source == "file":
+            assert self.file is not None  # credential_plan sets it with this source
+            return read_credentials_file(self.file)
+        return read_credentials_stdin(stdin or sys.stdin)
+
+
+def takes_login(tracking_uri: str | None) -> bool:
+    """An MLflow tracking server reached over HTTP may ask for a login; a local store never does."""
+    return bool(tracking_uri) and str(tracking_uri).startswith(("http://", "https://"))
+
+
+def secret_name(cluster: str) -> str:
+    """The Kubernetes Secret that holds a KubeRay cluster's MLflow credentials."""
+    return f"{cluster}-hpcray-mlflow"
+
+
+def credential_plan(p: Profile) -> CredentialPlan:
+    m = p.mlflow
+    if not takes_login(m.tracking_uri) or m.credentials == "none":
+        return CredentialPlan(None)
+    where: Delivery = "runtime_env" if m.deliver == "runtime_env" else "secret" if p.backend == "kuberay" else \
+        "head_env"
+    file = p.resolve_path(m.credentials_file) if m.credentials == "file" and m.credentials_file else None
+    return CredentialPlan(where, m.credentials, file, secret_name(p.name) if where == "secret" else None)
+
+
+def load_credentials(p: Profile, *, environ: Mapping[str, str] | None = None,
                      stdin: TextIO | None = None) -> Credentials | None:
-    """The MLflow credentials the profile says to use, or None when it uses none (or has no tracking server)."""
-    source = p.mlflow.credentials
-    if source == "none" or not p.mlflow.tracking_uri or p.mlflow.tracking_uri.startswith(("sqlite:", "file:")):
-        return None
-    if source == "env":
-        env = os.environ if environ is None else environ
-        user, password = env.get(USERNAME_VAR), env.get(PASSWORD_VAR)
-        if not user or not password:
-            unset = [v for v, val in ((USERNAME_VAR, user), (PASSWORD_VAR, password)) if not val]
-            missing = f"{' and '.join(unset)} {'are' if len(unset) > 1 else 'is'} not set"
-            raise CredentialsError(f"mlflow.credentials is 'env' but {missing}; export it (e.g. "
-                                   f"`read -s {PASSWORD_VAR}; export {PASSWORD_VAR}`), or use a credentials file")
-        return Credentials(user, Secret(password))
-    if source == "file":
-        assert p.mlflow.credentials_file is not None  # check_profile guarantees it
-        return read_credentials_file(p.resolve_path(p.mlflow.credentials_file))
-    return read_credentials_stdin(stdin or sys.stdin)
+    """The MLflow credentials the profile's credential plan needs, or None when it needs none."""
+    return credential_plan(p).load(environ=environ, stdin=stdin)
 
 
 def read_credentials_file(path: Path) -> Credentials:

@@ -11,33 +11,32 @@ import signal
 import subprocess
 import sys
 import time
-import types
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 from unittest import mock
 
 import pytest
 
 from hpcray.backends.local import LocalBackend, choose_ports
+from hpcray.profile import LocalSpec, MlflowSpec, Profile
 from hpcray.state import QUIET_ENV
 
 START_TIMEOUT_S = 180.0  # measured ~8 s (Ray) and ~15 s (MLflow) on an idle 2-core box; tests run beside others
 
 
-def local_profile(name: str, *, mlflow_server: bool = False, num_cpus: int | None = 1,
-                  dashboard_port: int = 0) -> types.SimpleNamespace:
-    """The part of a Profile that LocalBackend reads."""
-    return types.SimpleNamespace(
-        name=name, backend="local", source=Path(f"{name}.yaml"),
-        local=types.SimpleNamespace(num_cpus=num_cpus, num_gpus=None, mlflow_server=mlflow_server,
-                                    dashboard_port=dashboard_port),
-        mlflow=types.SimpleNamespace(tracking_uri=None))
+def local_profile(name: str, *, mlflow_server: bool = False, num_cpus: int | None = 1, dashboard_port: int = 0,
+                  tracking_uri: str | None = None,
+                  credentials: Literal["env", "file", "stdin", "none"] = "none") -> Profile:
+    """A local profile, as load_profile makes it from YAML (without the default sqlite store: no tracking_uri)."""
+    return Profile(name=name, backend="local", source=Path(f"{name}.yaml").resolve(),
+                   local=LocalSpec(num_cpus=num_cpus, mlflow_server=mlflow_server, dashboard_port=dashboard_port),
+                   mlflow=MlflowSpec(tracking_uri=tracking_uri, credentials=credentials))
 
 
-def local_backend(profile: types.SimpleNamespace, state: Path) -> LocalBackend:
+def local_backend(profile: Profile, state: Path) -> LocalBackend:
     """A LocalBackend whose state lives in ``state`` (bound at construction, whatever tests do to the env later)."""
     with mock.patch.dict(os.environ, {"HPCRAY_STATE_DIR": str(state)}):
         return LocalBackend(profile)

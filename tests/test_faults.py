@@ -54,9 +54,10 @@ def error_lines(output: str) -> list[str]:
          "gone; see …/head.log …`, after the teardown lines; exit 2",
     remains="nothing: the orphaned job process is killed, no Ray process, no state file")
 def test_ray_head_dies_mid_job_in_run(tmp_path: Path) -> None:
-    proc = start(tmp_path, profile(tmp_path, {"slow": TICKING_JOB}), "slow")
+    prof = profile(tmp_path, {"slow": TICKING_JOB})
+    proc = start(tmp_path, prof, "slow")
     seen = read_until(proc, r"^tick")
-    temp_dir = temp_dir_of(seen)
+    temp_dir = temp_dir_of(tmp_path, prof)
     # The head's own processes (`ray start`, GCS, raylet, dashboard …) name its temp dir on their command line; the
     # job's entrypoint does not (it only carries the marker in its environment), so it outlives the head.
     head = [pid for pid in find_leftovers(temp_dir) if temp_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]

@@ -26,9 +26,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from hpcray import kube
-from hpcray.backends.kuberay import KubeRayBackend, Relay
+from hpcray import kube, targets
+from hpcray.backends.kuberay import KubeRayBackend
 from hpcray.errors import KubeError
+from hpcray.portforward import Relay
 from hpcray.profile import load_profile
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, FakeKubeAPI
 from tests.fake_kuberay_operator import NODE
@@ -164,7 +165,7 @@ def test_up_upgrade_status_down_and_the_password_stays_in_the_secret(helm_bin: s
     status = hpcray("status", "-p", str(profile), "--json")
     assert status.returncode == 0, status.stderr
     st = json.loads(status.stdout)
-    assert st["exists"] and st["ready"] and st["details"]["revision"] == 1
+    assert st["exists"] and st["ready"] and st["release"]["revision"] == 1 and st["namespace"] == "default"
     assert sorted(n["role"] for n in st["nodes"]) == ["head", "worker", "worker"]
     assert sum(n["gpus"] for n in st["nodes"]) == 2
     assert 3500 < st["expires_at"] - time.time() <= 3600
@@ -417,13 +418,31 @@ def test_dry_run_prints_helm_command_and_values_and_touches_nothing(helm_bin: st
     assert up.returncode == 0, up.stderr
     assert f"{helm_bin} upgrade --install lc " in up.stdout and "--values -" in up.stdout
     assert "--labels hpcray=true,hpcray.io/profile=lc,hpcray.io/expires-at=" in up.stdout
-    assert "password=Secret(******)" in up.stdout and "username=alice" in up.stdout
+    assert "Secret lc-hpcray-mlflow in namespace default: username=alice, password=******" in up.stdout
     assert "secretKeyRef" in up.stdout and "hpcray.io/expires-at" in up.stdout  # the values follow the command
     down = hpcray("down", "-p", str(profile), "--dry-run")
     assert down.returncode == 0, down.stderr
     assert f"{helm_bin} uninstall lc --namespace default" in down.stdout
     assert PASSWORD not in up.stdout + up.stderr + down.stdout + down.stderr
     assert len(api.requests) == before and api.list("secrets") == []
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/hpcray-test-mlruns", "sqlite:////tmp/hpcray-test-mlflow.db"])
+def test_a_local_tracking_store_takes_no_credentials_secret(helm4: str, api: FakeKubeAPI, tmp_path: Path,
+                                                            uri: str) -> None:
+    """The reproduced bug: with `mlflow.tracking_uri: file:///…`, `credentials: env` and both variables exported,
+    `up` failed asking to export them (render and the backend disagreed on who needs credentials)."""
+    profile = write_profile(tmp_path, api, workers=0, tracking_uri=uri)  # credentials: env, both exported
+    dry = hpcray("up", "-p", str(profile), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "Secret" not in dry.stdout and "secretKeyRef" not in dry.stdout and "MLFLOW_TRACKING_PASSWORD" not in dry.stdout
+    done = hpcray("up", "-p", str(profile))
+    assert done.returncode == 0, done.stderr
+    assert "lc: kuberay namespace default release deployed rev 1; ready; 1/1 pods Ready" in done.stdout
+    assert api.get("secrets", "lc-hpcray-mlflow") is None
+    [head] = pods(api)
+    env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == uri and "MLFLOW_TRACKING_PASSWORD" not in env
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,7 +462,7 @@ def test_kubernetes_errors_are_one_actionable_line(api: FakeKubeAPI, tmp_path: P
         for key, value in changes.items():
             setattr(p.kubernetes, key, value)
         with pytest.raises(KubeError) as info:
-            kube.connect(p)
+            kube.connect(targets.kube_target(p))
         assert "\n" not in str(info.value)
         return str(info.value)
 
@@ -465,14 +484,16 @@ def test_jobs_reach_the_head_through_a_port_forward_of_their_own_or_hpcray_dashb
     host, port = ray_head.address.removeprefix("http://").split(":")
     api.serve_pod_port("ray.io/node-type=head", 8265, (host, int(port)))
 
-    done = hpcray("submit", "-p", str(profile), "--", "echo through-the-port-forward")
+    done = hpcray("submit", "-p", str(profile), "--json", "--", "echo through-the-port-forward")
     assert done.returncode == 0, done.stderr
-    assert "through-the-port-forward" in done.stdout
-    job_id = re.search(r"submitted job (\S+) to http://127\.0\.0\.1:\d+", done.stderr)
-    assert job_id, done.stderr
+    assert "through-the-port-forward" in done.stderr  # with --json the job's output goes to stderr
+    submitted = json.loads(done.stdout)
+    job_id = submitted["submission_id"]
+    assert submitted["status"] == "SUCCEEDED" and submitted["address"].startswith("http://127.0.0.1:")
+    assert submitted["address"] != ray_head.address  # a port-forward of the command's own, not the head itself
     assert any("/pods/lc-kuberay-head" in r and "/portforward" in r for r in api.requests)
     listed = hpcray("list", "-p", str(profile), "--json")
-    assert listed.returncode == 0 and job_id[1] in {j["submission_id"] for j in json.loads(listed.stdout)}
+    assert listed.returncode == 0 and job_id in {j["submission_id"] for j in json.loads(listed.stdout)}
 
     dashboard = start_hpcray("dashboard", "-p", str(profile), "--port", "0")
     try:
@@ -483,7 +504,7 @@ def test_jobs_reach_the_head_through_a_port_forward_of_their_own_or_hpcray_dashb
         with urllib.request.urlopen(f"{url[1]}/api/version", timeout=30) as response:
             assert "ray_version" in json.loads(response.read())
         assert sum("/portforward" in r for r in api.requests) > before
-        logs = hpcray("logs", "-p", str(profile), job_id[1])  # through the dashboard's address (dashboard.json)
+        logs = hpcray("logs", "-p", str(profile), job_id)  # through the dashboard's address (dashboard.json)
         assert logs.returncode == 0 and "through-the-port-forward" in logs.stdout
     finally:
         dashboard.send_signal(signal.SIGINT)
@@ -524,8 +545,9 @@ def test_jobs_against_a_cluster_without_a_ready_head_say_so_at_once(helm4: str, 
     sees="`port-forward lost (…); reconnecting`, then `port-forward reconnected`; the waiting request is served",
     remains="the port-forward, working")
 def test_port_forward_relay_reconnects_when_the_upstream_drops(tmp_path: Path) -> None:
-    """The fake API has no portforward endpoint, so the relay is tested against a local TCP echo target: the
-    upstream opener stands in for kube.open_pod_port."""
+    """The relay against a local TCP echo target that the test stops and restarts at will (the fake API's
+    portforward endpoint, used end to end above, forwards to one target that stays up): the upstream opener stands
+    in for kube.open_pod_port."""
     echoes = [_EchoServer(0)]
     port = echoes[0].port
     notices: list[str] = []

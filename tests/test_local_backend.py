@@ -15,8 +15,9 @@ import pytest
 
 from hpcray.backends import local
 from hpcray.backends.local import find_leftovers
-from hpcray.errors import ClusterError
+from hpcray.errors import ClusterError, CredentialsError
 from hpcray.secrets import Secret
+from hpcray.tracking import Credentials
 from tests.fixtures_servers import START_TIMEOUT_S, RayHead, local_backend, local_profile
 
 pytestmark = pytest.mark.slow
@@ -59,30 +60,36 @@ def run_job(address: str, entrypoint: str) -> str:
     return logs
 
 
-def test_up_runs_a_job_with_the_secret_env_and_down_leaves_nothing(tmp_path: Path, ray_head: RayHead) -> None:
+def test_up_runs_a_job_with_the_credentials_in_its_env_and_down_leaves_nothing(tmp_path: Path,
+                                                                               ray_head: RayHead) -> None:
     from ray.job_submission import JobSubmissionClient
 
     value = secrets.token_urlsafe(24)
-    backend = local_backend(local_profile("jobs"), tmp_path / "state")
+    # A tracking server that takes a login: the credential plan puts the credentials in the head's environment.
+    profile = local_profile("jobs", tracking_uri="http://127.0.0.1:9", credentials="env")
+    backend = local_backend(profile, tmp_path / "state")
     lines: list[str] = []
 
     t0 = time.monotonic()
-    status = backend.up(timeout=START_TIMEOUT_S, progress=lines.append, env={"SOME_VAR": Secret(value)})
+    status = backend.up(timeout=START_TIMEOUT_S, progress=lines.append, credentials=Credentials("u", Secret(value)))
     print(f"up: {time.monotonic() - t0:.1f} s", *lines, sep="\n  ")
     address = backend.address()
     assert status.ready and status.address == address and address != ray_head.address
     assert [(n.role, n.phase) for n in status.nodes] == [("head", "Ready")]
     assert answers(address + "/api/version")
+    plan = backend.plan(warn=print)
+    assert [s.what for s in plan.steps] == [f"leave the running local cluster 'jobs' (pid {status.head.pid}, "
+                                            f"dashboard {address}) as it is"]
 
-    again = backend.up(timeout=START_TIMEOUT_S, progress=lines.append)
-    assert again.address == address and again.details["pid"] == status.details["pid"]
+    again = backend.up(timeout=START_TIMEOUT_S, progress=lines.append, credentials=Credentials("u", Secret("x")))
+    assert again.address == address and again.head.pid == status.head.pid
 
-    logs = run_job(address, """python -c "import os, sys; print(sys.executable, os.environ['SOME_VAR'])" """)
+    logs = run_job(address, """python -c "import os, sys; print(sys.executable, os.environ['MLFLOW_TRACKING_PASSWORD'])" """)
     assert f"{os.path.dirname(sys.executable)}/python {value}" in logs
 
     assert cmdlines_containing(value) == []
     assert files_containing(backend.dir, value) == []
-    assert oct(os.stat(status.details["temp_dir"]).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(status.head.temp_dir).st_mode & 0o777) == "0o700"
 
     # A job's entrypoint runs in a session of its own and outlives Ray's own shutdown: down must stop it too.
     marker = f"hpcray-test-{secrets.token_hex(4)}"
@@ -93,7 +100,7 @@ def test_up_runs_a_job_with_the_secret_env_and_down_leaves_nothing(tmp_path: Pat
         assert time.monotonic() < deadline, "the sleeping job did not start within 60 s"
         time.sleep(0.3)
 
-    temp_dir = status.details["temp_dir"]
+    temp_dir = status.head.temp_dir
     t0 = time.monotonic()
     assert backend.down(progress=lines.append) is True
     print(f"down: {time.monotonic() - t0:.1f} s")
@@ -106,7 +113,8 @@ def test_up_runs_a_job_with_the_secret_env_and_down_leaves_nothing(tmp_path: Pat
     assert not backend.status().exists
 
     assert answers(ray_head.address + "/api/version"), "down of one local cluster stopped another"
-    assert find_leftovers(ray_head.backend.status().details["temp_dir"])
+    head = ray_head.backend.status().head
+    assert head is not None and find_leftovers(head.temp_dir)
 
 
 def test_local_mlflow_server_starts_and_stops_with_the_cluster(tmp_path: Path) -> None:
@@ -114,14 +122,38 @@ def test_local_mlflow_server_starts_and_stops_with_the_cluster(tmp_path: Path) -
     t0 = time.monotonic()
     status = backend.up(timeout=START_TIMEOUT_S, progress=print)
     print(f"up with mlflow: {time.monotonic() - t0:.1f} s")
-    uri = status.details["mlflow_uri"]
-    assert uri.startswith("http://127.0.0.1:") and backend.tracking_uri() == uri
+    uri = status.tracking_uri
+    assert uri is not None and uri.startswith("http://127.0.0.1:") and backend.tracking_uri() == uri
     assert answers(uri + "/health")
 
     backend.down(progress=print)
     assert not answers(uri + "/health")
     assert backend.tracking_uri() is None
-    assert find_leftovers(status.details["temp_dir"]) == []
+    assert status.head is not None and find_leftovers(status.head.temp_dir) == []
+
+
+def test_the_plan_says_what_would_start_and_changes_nothing(tmp_path: Path) -> None:
+    backend = local_backend(local_profile("planned", mlflow_server=True, num_cpus=3), tmp_path / "state")
+    plan = backend.plan(ttl_s=3600, warn=print)
+    [head, mlflow, wait] = [s.what for s in plan.steps]
+    assert head.startswith("start a Ray head 'planned' on 127.0.0.1") and "3 CPU(s)" in head
+    assert backend.temp_dir in head and str(backend.dir / "head.log") in head
+    assert mlflow.startswith("start an MLflow server") and wait.endswith("and MLflow is healthy")
+    assert plan.expires_at is not None and 3500 < plan.expires_at - time.time() <= 3600
+    assert not (tmp_path / "state").exists() and not os.path.exists(backend.temp_dir)
+    assert [s.what for s in backend.plan_down().steps] == ["do nothing: no local cluster 'planned' is up"]
+
+
+@pytest.mark.reliability(
+    case="bad input: the local head should pass MLflow credentials to its jobs but none are given (API)",
+    sees="`the local head of 'NAME' gives its jobs MLflow credentials, but none were given; set …`",
+    remains="nothing: no process, no state dir")
+def test_credentials_the_plan_needs_are_required_before_anything_starts(tmp_path: Path) -> None:
+    profile = local_profile("needs", tracking_uri="https://mlflow.example.org", credentials="env")
+    backend = local_backend(profile, tmp_path / "state")
+    with pytest.raises(CredentialsError, match="gives its jobs MLflow credentials, but none were given"):
+        backend.up(timeout=START_TIMEOUT_S, progress=print)
+    assert not (tmp_path / "state").exists() and find_leftovers(backend.temp_dir) == []
 
 
 @pytest.mark.reliability(

@@ -25,6 +25,10 @@ SOURCE = "docker://ghcr.io/intertwin-eu/hython-itwinai-plugin:latest"
 FAKE_SIZE = 10 * 4096 + sum(len(f"fake SIF of {SOURCE}, chunk {i} of 10\n") for i in range(1, 11))
 
 
+def scancel(job_id: str) -> None:
+    subprocess.run(["scancel", job_id], check=True, capture_output=True)
+
+
 def write_profile(tmp_path: Path, sif_dir: Path, slurm_keys: str = "{}", extra: str = "") -> Path:
     path = tmp_path / "hython.yaml"
     path.write_text(f"name: hython\nimage: {{dir: {sif_dir}, name: hython, tag: sif, source: '{SOURCE}'}}\n"
@@ -325,7 +329,7 @@ def test_a_cancelled_pull_leaves_no_final_file_and_no_partial(tmp_path: Path, sl
         time.sleep(0.05)
     [partial] = sif.glob("hython:sif.partial.*")
     job_id = partial.name.rsplit(".", 1)[1]
-    slurm.cancel(job_id)
+    scancel(job_id)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert re.search(rf"SLURM job {job_id} ended CANCELLED", err), err
@@ -349,7 +353,7 @@ def test_waiting_past_the_timeout_exits_4_and_leaves_the_job_running(
     m = re.search(r"job (\d+) is still \w+ after 1 s and keeps going: .*`scancel \1`", err)
     assert m, err
     assert m.group(1) in slurm_env.jobs()
-    slurm.cancel(m.group(1))
+    scancel(m.group(1))
 
 
 def test_wait_reports_state_changes_and_progress_while_running(tmp_path: Path, slurm_env: SlurmCluster) -> None:
@@ -398,4 +402,4 @@ def test_ctrl_c_while_waiting_says_the_job_keeps_running(tmp_path: Path, slurm_e
     assert proc.returncode == 130
     assert f"job {job_id.group(1)} keeps running; `scancel {job_id.group(1)}` stops it" in err
     assert job_id.group(1) in slurm_env.jobs()
-    slurm.cancel(job_id.group(1))
+    scancel(job_id.group(1))

@@ -91,3 +91,65 @@ def test_vega_flow_runs_with_dry_run(helm_bin: str, charts_env: Path, tmp_path: 
 def test_skipped_commands_still_exist(verb: str) -> None:
     done = hpcray([verb, "--help"], dict(os.environ))
     assert done.returncode == 0, done.stderr
+
+
+def layout_layers() -> list[set[str]]:
+    """The README's picture of the code: layers (a line and the indented lines under it), top first, each a set of
+    module paths relative to hpcray/ ("x/" names a whole package)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## How the code is laid out.*?```\n(.*?)```", text, re.S)
+    assert block, "README has no picture of the code's layout"
+    layers: list[set[str]] = []
+    for line in block.group(1).splitlines():
+        names = set(re.findall(r"[\w/]+\.py|\w+/(?=\s)", line))
+        if line.startswith(" "):
+            layers[-1] |= names
+        elif names:
+            layers.append(names)
+    return layers
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The hpcray modules a file imports (anywhere in it), as paths relative to hpcray/."""
+    import ast
+
+    def as_path(module: str) -> str | None:
+        rel = module.removeprefix("hpcray").lstrip(".").replace(".", "/")
+        if not rel:
+            return None
+        return f"{rel}/__init__.py" if (REPO / "hpcray" / rel).is_dir() else f"{rel}.py"
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hpcray":
+            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "hpcray" else [node.module]
+            found |= {m for m in map(as_path, names) if m and (REPO / "hpcray" / m).exists()}
+        elif isinstance(node, ast.Import):
+            found |= {m for a in node.names if a.name.startswith("hpcray.") and (m := as_path(a.name))}
+    return found
+
+
+def test_the_layout_picture_names_every_module_and_every_import_points_down() -> None:
+    layers = layout_layers()
+    modules = sorted(str(p.relative_to(REPO / "hpcray")) for p in (REPO / "hpcray").rglob("*.py")
+                     if p != REPO / "hpcray" / "__init__.py")
+
+    def layer_of(module: str) -> int | None:
+        for i, names in enumerate(layers):
+            if module in names or any(n.endswith("/") and module.startswith(n) for n in names):
+                return i
+        return None
+
+    assert [m for m in modules if layer_of(m) is None] == [], "modules missing from the README's picture"
+    pictured = {n for names in layers for n in names if not n.endswith("/")}
+    assert pictured <= set(modules), "the README's picture names modules that do not exist"
+    upward = [f"{m} imports {dep}" for m in modules for dep in sorted(imported_modules(REPO / "hpcray" / m))
+              if (layer_of(dep) or 0) < (layer_of(m) or 0)]
+    assert upward == [], "imports that point up the README's picture"
+
+
+def test_the_cli_does_not_branch_on_backends_and_helm_and_kube_never_see_a_profile() -> None:
+    cli = (REPO / "hpcray" / "cli.py").read_text()
+    assert not re.search(r"\.backend\s*[!=]=|type:\s*ignore", cli)
+    for owner in ("helm.py", "kube.py", "portforward.py", "slurm.py"):
+        assert "profile.py" not in imported_modules(REPO / "hpcray" / owner), owner

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hpcray import helm
+from hpcray import helm, targets
 from hpcray.profile import load_profile
 from hpcray.render import check_release, dump_values, raycluster_of, render_values
 
@@ -130,7 +130,7 @@ def test_values_override_with_wrong_type_is_caught_by_the_crd(helm_bin: str, cha
         "workers": {"w": {"replicas": 1}}, "values": {"worker": {"replicas": "two"}}}))
     p = load_profile(profile)
     values = dump_values(render_values(p))
-    manifest = helm.template(helm.find_helm(), p, values)  # helm itself accepts it
+    manifest = helm.template(helm.find_helm(), targets.chart(p), targets.release(p), values)  # helm accepts it
     assert raycluster_of(manifest)["spec"]["workerGroupSpecs"][0]["replicas"] == "two"
     from hpcray.errors import ValuesError
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from hpcray.backends.local import find_leftovers
+from hpcray.profile import load_profile
+from tests.fixtures_servers import local_backend
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_JOB = "python -c \"import time; print('job started', flush=True); [time.sleep(0.5) or print('tick', flush=True) for _ in range(120)]\""
@@ -48,10 +50,9 @@ def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 120) 
     raise AssertionError(f"never saw {pattern!r}; output so far:\n{seen}")
 
 
-def temp_dir_of(output: str) -> str:
-    m = re.search(r"temp dir (\S+?)\)", output)
-    assert m, output
-    return m.group(1)
+def temp_dir_of(tmp_path: Path, prof: Path) -> str:
+    """The temp dir of the profile's local head: LocalBackend derives it from the state dir `start` gives hpcray."""
+    return local_backend(load_profile(prof), tmp_path / "state").temp_dir
 
 
 def assert_nothing_left(tmp_path: Path, temp_dir: str) -> None:
@@ -73,9 +74,10 @@ PHASES = {
     sees="`stopping job slow …`, the teardown, `interrupted by SIGINT` / `SIGTERM`; exit 130 / 143",
     remains="nothing: no Ray process, no state file")
 def test_signal_tears_everything_down(tmp_path: Path, phase: str, sig: signal.Signals) -> None:
-    proc = start(tmp_path, profile(tmp_path, {"slow": SLOW_JOB}), "slow")
+    prof = profile(tmp_path, {"slow": SLOW_JOB})
+    proc = start(tmp_path, prof, "slow")
     seen = read_until(proc, PHASES[phase])
-    temp_dir = temp_dir_of(seen)
+    temp_dir = temp_dir_of(tmp_path, prof)
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     output = seen + rest
@@ -98,7 +100,7 @@ def test_failing_job_exits_1_and_still_tears_down(tmp_path: Path) -> None:
     assert proc.returncode == 1, output
     assert "ok: SUCCEEDED" in output and "bad: FAILED" in output
     assert "cluster torn down" in output
-    assert_nothing_left(tmp_path, temp_dir_of(output))
+    assert_nothing_left(tmp_path, temp_dir_of(tmp_path, prof))
 
 
 @pytest.mark.reliability(
@@ -117,7 +119,7 @@ def test_keep_leaves_the_cluster_up(tmp_path: Path) -> None:
     prof = profile(tmp_path, {"ok": "python -c 'print(42)'"})
     proc = start(tmp_path, prof, "ok", "--keep")
     output, _ = proc.communicate(timeout=180)
-    temp_dir = temp_dir_of(output)
+    temp_dir = temp_dir_of(tmp_path, prof)
     try:
         assert proc.returncode == 0, output
         assert "cluster kept up" in output

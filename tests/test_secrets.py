@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV
 
 pytestmark = pytest.mark.slow
@@ -135,14 +136,13 @@ def test_the_password_reaches_the_job_and_nothing_else(mlflow_server: Any, tmp_p
     sampler.start()
     up_done = False
     try:
-        up = hpcray("up")
+        up = json.loads(hpcray("up", "--json").stdout)
         up_done = True
-        ray_temp = Path(re.search(r"temp dir (\S+?)\)", up.stderr).group(1))  # type: ignore[union-attr]
-        address = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", up.stderr).group(1)  # type: ignore[union-attr]
-        submit = hpcray("submit", "train")
-        job_id = re.search(r"submitted job (\S+) to", submit.stderr).group(1)  # type: ignore[union-attr]
-        assert f"password sha256 {hashlib.sha256(password.encode()).hexdigest()}" in submit.stdout
-        run_id = re.search(r"RUN_ID (\w+)", submit.stdout).group(1)  # type: ignore[union-attr]
+        ray_temp, address = Path(up["head"]["temp_dir"]), up["address"]
+        submit = hpcray("submit", "train", "--json")  # the job's output goes to stderr, the result to stdout
+        job_id = json.loads(submit.stdout)["submission_id"]
+        assert f"password sha256 {hashlib.sha256(password.encode()).hexdigest()}" in submit.stderr
+        run_id = re.search(r"RUN_ID (\w+)", submit.stderr).group(1)  # type: ignore[union-attr]
         assert job_id in hpcray("list").stdout
         assert hpcray("job-status", job_id).stdout.startswith(f"job {job_id}: SUCCEEDED")
         assert run_id in hpcray("logs", job_id).stdout
@@ -170,3 +170,41 @@ def test_the_password_reaches_the_job_and_nothing_else(mlflow_server: Any, tmp_p
     assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"loss": 0.25}
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["mlflow.user"] == user
     assert password not in json.dumps(run["data"]["params"]) + json.dumps(run["data"]["tags"])
+
+
+CASES = [  # backend, tracking_uri, credentials, deliver → where the credentials go
+    ("kuberay", "https://mlflow.example.org", "env", "secret", "secret"),
+    ("kuberay", "https://mlflow.example.org", "file", "runtime_env", "runtime_env"),
+    ("kuberay", "https://mlflow.example.org", "none", "secret", None),
+    ("kuberay", "file:///data/mlruns", "env", "secret", None),  # a local store takes no login
+    ("kuberay", "sqlite:////data/mlflow.db", "stdin", "secret", None),
+    ("kuberay", None, "env", "secret", None),
+    ("local", "http://127.0.0.1:5000", "env", "secret", "head_env"),
+    ("local", "http://127.0.0.1:5000", "env", "runtime_env", "runtime_env"),
+    ("local", "sqlite:////tmp/mlflow.db", "env", "secret", None),
+]
+
+
+@pytest.mark.parametrize(("backend", "uri", "source", "deliver", "where"), CASES)
+def test_one_credential_plan_for_render_and_delivery(backend: str, uri: str | None, source: str, deliver: str,
+                                                     where: str | None) -> None:
+    """Who needs MLflow credentials and where they go, once: the values reference the Secret exactly when the
+    plan puts them there, and credentials are read only when someone needs them."""
+    from hpcray.profile import MlflowSpec, Profile
+    from hpcray.render import mlflow_env
+    from hpcray.tracking import Credentials, credential_plan
+
+    p = Profile(name="cp", backend=backend, source=Path("/nonexistent/cp.yaml"),
+                mlflow=MlflowSpec(tracking_uri=uri, credentials=source, deliver=deliver,
+                                  credentials_file="cred" if source == "file" else None))
+    plan = credential_plan(p)
+    assert plan.where == where
+    refs = [e["valueFrom"]["secretKeyRef"] for e in mlflow_env(p) if "valueFrom" in e]
+    assert refs == ([{"name": "cp-hpcray-mlflow", "key": "username"}, {"name": "cp-hpcray-mlflow", "key": "password"}]
+                    if where == "secret" else [])
+    assert plan.in_cluster == (where in ("secret", "head_env")) and plan.in_job == (where == "runtime_env")
+    environ = {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    if where is None:
+        assert plan.load(environ={}) is None  # nothing is read, nothing is missing
+    elif source == "env":
+        assert plan.load(environ=environ) == Credentials("u", Secret("pw"))

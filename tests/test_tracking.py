@@ -144,7 +144,7 @@ def head_with_credentials(mlflow_server: Any, tmp_path: Path, own_state_dir: Pat
     profile = profile_file(tmp_path, f"creds-{secrets.token_hex(3)}",
                            {"tracking_uri": mlflow_server.url, "experiment": experiment})
     backend = LocalBackend(load_profile(profile))
-    backend.up(timeout=120, progress=lambda _: None, env=credentials.env())
+    backend.up(timeout=120, progress=lambda _: None, credentials=credentials)
     try:
         yield SimpleNamespace(credentials=credentials, experiment=experiment, profile=profile,
                               address=backend.address(), temp_dir=Path(backend.temp_dir), state=own_state_dir)

@@ -1,14 +1,42 @@
-"""The small interface every place a Ray cluster can live implements (see submitit's executors)."""
+"""The interface every place a Ray cluster can live implements (see submitit's executors), and what it returns.
+
+Callers (hpcray.flows) never ask which backend they hold: the interface covers planning (`--dry-run`), bringing up,
+access to the Jobs API, the dashboard, the MLflow tracking URI, status and teardown.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
-from hpcray.secrets import Secret
+if TYPE_CHECKING:
+    from hpcray.http import Endpoint
+    from hpcray.tracking import Credentials
 
 Progress = Callable[[str], None]
-"""Receives one human-readable line per change while a backend waits (pod phases, head start-up)."""
+"""Receives one human-readable line per change while a backend works (pod phases, head start-up)."""
+
+
+@dataclass
+class Step:
+    """One thing a command would do, in words (secrets shown as ******), with the command it would run, if any."""
+
+    what: str
+    argv: list[str] | None = None
+    stdin: str | None = None  # what that command would read on stdin (helm's values)
+
+
+@dataclass
+class Plan:
+    """What `up` or `down` would do, computed without changing anything: all that `--dry-run` prints."""
+
+    cluster: str
+    backend: str
+    steps: list[Step]
+    expires_at: float | None = None  # epoch seconds, from --ttl
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -22,50 +50,88 @@ class NodeStatus:
 
 
 @dataclass
+class ReleaseStatus:
+    """The Helm release of a KubeRay cluster."""
+
+    status: str  # deployed | failed | pending-install | ...
+    revision: int
+    chart: str = ""
+    updated: str = ""
+
+
+@dataclass
+class HeadProcess:
+    """The local head's process: what `down` stops, and where its log is."""
+
+    pid: int
+    temp_dir: str
+    ports: dict[str, int]
+    log: str
+
+
+@dataclass
 class ClusterStatus:
     name: str
     backend: str  # "local" | "kuberay"
     exists: bool
     ready: bool
-    address: str | None = None  # dashboard / Jobs API address, e.g. http://127.0.0.1:8265
+    node_kind: str = "Ray node"  # what `nodes` are: "Ray node" (local) or "pod" (kuberay)
     nodes: list[NodeStatus] = field(default_factory=list)
     expires_at: float | None = None  # epoch seconds, from --ttl
-    details: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None  # a dashboard / Jobs API address reachable from here now, e.g. http://127.0.0.1:8265
+    tracking_uri: str | None = None  # where the cluster's jobs log to MLflow
+    namespace: str | None = None  # kuberay: the release's namespace
+    release: ReleaseStatus | None = None  # kuberay
+    expected_workers: int = 0  # kuberay: worker pods the RayCluster asks for
+    service: str | None = None  # kuberay: the head's Service (dashboard port 8265 inside the cluster)
+    head: HeadProcess | None = None  # local
 
     def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
 class Backend(Protocol):
-    """A Ray cluster described by one profile. `submit` talks to `reach()` and cares about nothing else."""
+    """A Ray cluster described by one profile."""
 
     name: str
 
-    def up(
-        self,
-        *,
-        timeout: float,
-        progress: Progress,
-        env: dict[str, Secret | str] | None = None,
-        ttl_s: float | None = None,
-        down_on_failure: bool = False,
-    ) -> ClusterStatus:
+    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None,
+             warn: Progress) -> Plan:
+        """What `up` would do with these arguments, checked as far as possible without changing anything (the
+        values rendered and checked against KubeRay's CRD; the local head that would start)."""
+        ...
+
+    def up(self, *, timeout: float, progress: Progress, credentials: Credentials | None = None,
+           ttl_s: float | None = None, down_on_failure: bool = False) -> ClusterStatus:
         """Create (or upgrade) the cluster and return once head and all workers are ready.
 
-        ``env`` reaches every Ray process of the cluster (MLflow credentials), never argv or a file.
-        Raises ClusterNotReady with a diagnosis on timeout; ``down_on_failure`` then removes what was created
-        (a backend whose half-started cluster is useless, like the local one, always removes it).
+        ``credentials`` go where hpcray.tracking.credential_plan says (a Kubernetes Secret the pods reference, the
+        local head's environment), never argv or a file. Raises ClusterNotReady with a diagnosis on timeout;
+        ``down_on_failure`` then removes what was created (a backend whose half-started cluster is useless, like the
+        local one, always removes it).
         """
         ...
 
-    def reach(self, progress: Progress) -> ContextManager[str]:
-        """The Jobs API (dashboard) address of a cluster that is up, valid while the with-block runs (a backend may
-        open a port-forward for it); ClusterError if the cluster is not up."""
+    def access(self, progress: Progress) -> ContextManager[Endpoint]:
+        """The Jobs API (dashboard) of a cluster that is up, valid while the with-block runs: the backend opens
+        whatever the way there needs (a port-forward to the head pod) and closes it afterwards. ClusterError if the
+        cluster is not up."""
+        ...
+
+    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
+        """Make the dashboard reachable on this machine and call ``on_ready(url)``; where that needs a forward
+        (kuberay: 127.0.0.1:port → the head's 8265) serve it until Ctrl-C."""
+        ...
+
+    def tracking_uri(self) -> str | None:
+        """Where jobs on this cluster log to MLflow (a server the backend started, or the profile's)."""
         ...
 
     def status(self) -> ClusterStatus:
+        ...
+
+    def plan_down(self) -> Plan:
+        """What `down` would do; changes nothing."""
         ...
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,16 +22,18 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Callable, Iterator
 
-from hpcray.backends.base import ClusterStatus, NodeStatus, Progress
-from hpcray.errors import ClusterError, ClusterNotReady, ToolMissing
+from hpcray import http
+from hpcray.backends.base import ClusterStatus, HeadProcess, NodeStatus, Plan, Progress, Step
+from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError, ToolMissing
+from hpcray.profile import Profile
 from hpcray.secrets import Secret
-from hpcray.state import QUIET_ENV, make_private, state_dir, state_root
+from hpcray.state import QUIET_ENV, locked, state_dir, state_root, write_atomic
+from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, credential_plan
+from hpcray.waiting import Deadline, poll_until
 
 STATE_FILE = "local.json"
 MARKER_VAR = "HPCRAY_LOCAL_CLUSTER"
@@ -47,7 +48,6 @@ NAMED_PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-ag
 WORKER_OFFSET = 16  # worker ports: the rest of the block
 
 TERM_GRACE_S = 10.0
-MLFLOW_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -72,10 +72,11 @@ class HeadState:
 
 
 class LocalBackend:
-    def __init__(self, profile: Any) -> None:
+    def __init__(self, profile: Profile) -> None:
         self.p = profile
         self.name: str = profile.name
         self.dir = state_dir(self.name)  # bound once: a later change of $HPCRAY_STATE_DIR cannot lose the head
+        self.credentials = credential_plan(profile)
 
     @property
     def temp_dir(self) -> str:
@@ -88,12 +89,42 @@ class LocalBackend:
 
     # -- Backend --------------------------------------------------------------------------------------------------
 
-    def up(self, *, timeout: float, progress: Progress, env: dict[str, Secret | str] | None = None,
+    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None,
+             warn: Progress) -> Plan:
+        """The head (and MLflow server) `up` would start, or the running head it would leave alone."""
+        st = self._load()
+        if st and _running(st.pid):
+            return Plan(self.name, "local", [Step(f"leave the running local cluster '{self.name}' (pid {st.pid}, "
+                                                  f"dashboard {st.dashboard}) as it is")], st.expires_at)
+        local = self.p.local
+        cpus = f"{local.num_cpus} CPU(s)" if local.num_cpus is not None else "every CPU"
+        gpus = f"{local.num_gpus} GPU(s)" if local.num_gpus is not None else "the GPUs Ray detects"
+        port = f"dashboard port {local.dashboard_port}" if local.dashboard_port else "a free dashboard port"
+        steps = [Step(f"start a Ray head '{self.name}' on 127.0.0.1 (`ray start --head`) with {cpus}, {gpus}, {port} "
+                      f"and a block of {BLOCK} ports of its own in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1}; temp dir "
+                      f"{self.temp_dir}, log {self.dir / 'head.log'}")]
+        if local.mlflow_server:
+            steps.append(Step(f"start an MLflow server on 127.0.0.1 with the store {self.dir / 'mlflow.db'} and "
+                              f"artifacts in {self.dir / 'artifacts'}"))
+        uri = self.p.mlflow.tracking_uri
+        if uri and uri.startswith("sqlite:///"):
+            steps.append(Step(f"prepare the MLflow store {uri} (experiment '{self.p.mlflow.experiment}', artifacts "
+                              "beside it)"))
+        env = self._head_env(credentials)
+        if env:
+            shown = ", ".join(f"{k}={v}" for k, v in env.items())
+            steps.append(Step(f"put {shown} in the head's environment, which every job inherits"))
+        steps.append(Step("wait until the dashboard, the Jobs API and the job agent answer"
+                          + (" and MLflow is healthy" if local.mlflow_server else "")))
+        return Plan(self.name, "local", steps, time.time() + ttl_s if ttl_s else None)
+
+    def up(self, *, timeout: float, progress: Progress, credentials: Credentials | None = None,
            ttl_s: float | None = None, down_on_failure: bool = True) -> ClusterStatus:
         """Start the head (and MLflow server) or return the one already up. A head that fails to start is always
         stopped, whatever ``down_on_failure`` says: half a local cluster is of no use to inspect."""
-        deadline = time.monotonic() + timeout
-        with _locked(self.dir / "local.lock"):
+        deadline = Deadline(timeout)
+        env = self._head_env(credentials)
+        with locked(self.dir / "lifecycle.lock", f"`hpcray up` of {self.name}", progress):
             st = self._load()
             if st and _running(st.pid):
                 progress(f"local cluster '{self.name}' is already up at {st.dashboard}; environment unchanged")
@@ -103,7 +134,7 @@ class LocalBackend:
                 progress(f"cleaning up what is left of a previous local cluster '{self.name}'")
                 self._stop(st, progress, deadline)
             try:
-                st = self._start(env or {}, ttl_s, progress)
+                st = self._start(env, ttl_s, progress)
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:  # MLflow's import overlaps the head's start
                     store = pool.submit(self._prepare_store)
                     self._wait_ready(st, deadline, progress)
@@ -112,10 +143,20 @@ class LocalBackend:
             except BaseException:
                 st = self._load()
                 if st or find_leftovers(self.temp_dir):
-                    self._stop(st, progress, time.monotonic() + TERM_GRACE_S * 2)
+                    self._stop(st, progress, Deadline(TERM_GRACE_S * 2))
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 raise
         return self.status()
+
+    def _head_env(self, credentials: Credentials | None) -> dict[str, Secret | str]:
+        """The credentials, where the credential plan puts them in the head's environment."""
+        if self.credentials.where != "head_env":
+            return {}
+        if credentials is None:
+            raise CredentialsError(f"the local head of '{self.name}' gives its jobs MLflow credentials, but none were "
+                                   f"given; set {USERNAME_VAR} and {PASSWORD_VAR} (mlflow.credentials: "
+                                   f"{self.p.mlflow.credentials}) or set mlflow.credentials: none")
+        return credentials.env()
 
     def _prepare_store(self) -> str | None:
         uri = self.p.mlflow.tracking_uri
@@ -126,8 +167,14 @@ class LocalBackend:
         return prepare_local_store(uri, self.p.mlflow.experiment)
 
     @contextlib.contextmanager
-    def reach(self, progress: Progress) -> Iterator[str]:
-        yield self.address()
+    def access(self, progress: Progress) -> Iterator[http.Endpoint]:
+        """The head's own dashboard: it listens on this machine already."""
+        yield http.Endpoint(self.address())
+
+    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
+        """The head's dashboard listens on this machine already (on local.dashboard_port, or the port chosen at
+        `up`): nothing to forward, whatever ``port`` asks for."""
+        on_ready(self.address())
 
     def address(self) -> str:
         st = self._load()
@@ -145,30 +192,40 @@ class LocalBackend:
     def status(self) -> ClusterStatus:
         st = self._load()
         if st is None:
-            return ClusterStatus(name=self.name, backend="local", exists=False, ready=False)
+            return ClusterStatus(name=self.name, backend="local", exists=False, ready=False,
+                                 tracking_uri=self.tracking_uri())
         alive = _running(st.pid)
-        ready = alive and _http_ok(st.dashboard + "/api/version")
+        ready = alive and http.ok(st.dashboard + "/api/version")
         phase = "Ready" if ready else "Running" if alive else "Failed"
         reason = "" if alive else f"the head process {st.pid} is gone; see {self.dir / 'head.log'}"
         gpus = st.num_gpus if st.num_gpus is not None else (_detected_gpus(st) if ready else 0)
         head = NodeStatus(name=f"{self.name}-head", role="head", phase=phase, reason=reason,
                           age_s=time.time() - st.started_at, gpus=gpus)
-        details: dict[str, Any] = {"pid": st.pid, "temp_dir": st.temp_dir, "ports": st.ports,
-                                   "log": str(self.dir / "head.log")}
-        if st.mlflow_pid:
-            details["mlflow_uri"] = st.mlflow_uri
-        return ClusterStatus(name=self.name, backend="local", exists=True, ready=ready,
-                             address=st.dashboard if alive else None, nodes=[head], expires_at=st.expires_at,
-                             details=details)
+        return ClusterStatus(name=self.name, backend="local", exists=True, ready=ready, nodes=[head],
+                             expires_at=st.expires_at, address=st.dashboard if alive else None,
+                             tracking_uri=self.tracking_uri(),
+                             head=HeadProcess(st.pid, st.temp_dir, st.ports, str(self.dir / "head.log")))
+
+    def plan_down(self) -> Plan:
+        st = self._load()
+        leftovers = find_leftovers(self.temp_dir)
+        if st is None and not leftovers:
+            return Plan(self.name, "local", [Step(f"do nothing: no local cluster '{self.name}' is up")])
+        what = f"the Ray head (pid {st.pid}, dashboard {st.dashboard})" if st else f"{len(leftovers)} leftover process(es)"
+        mlflow = f" and its MLflow server (pid {st.mlflow_pid})" if st and st.mlflow_pid else ""
+        return Plan(self.name, "local", [
+            Step(f"stop {what}{mlflow} of local cluster '{self.name}' and every process started from it (SIGTERM, "
+                 f"SIGKILL after {TERM_GRACE_S:.0f} s), found by its temp dir {st.temp_dir if st else self.temp_dir}"),
+            Step(f"remove its temp dir and {self.dir / STATE_FILE}")])
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
         if not (self.dir / STATE_FILE).exists() and not find_leftovers(self.temp_dir):
             return False  # without taking the lock, which would make the state dir of a cluster never started
-        with _locked(self.dir / "local.lock"):
+        with locked(self.dir / "lifecycle.lock", f"`hpcray down` of {self.name}", progress):
             st = self._load()
             if st is None and not find_leftovers(self.temp_dir):
                 return False
-            self._stop(st, progress, time.monotonic() + timeout)
+            self._stop(st, progress, Deadline(timeout))
         return True
 
     # -- start ----------------------------------------------------------------------------------------------------
@@ -178,7 +235,7 @@ class LocalBackend:
         temp_dir = self.temp_dir
         child_env = _child_env(temp_dir, env)
         # Held until both children have exec'd: their command lines then name the ports for the next chooser.
-        with _locked(state_root() / "local-ports.lock"):
+        with locked(state_root() / "local-ports.lock", f"`hpcray up` of {self.name} (choosing its ports)"):
             ports = choose_ports(local.dashboard_port)
             shutil.rmtree(temp_dir, ignore_errors=True)
             try:
@@ -207,32 +264,30 @@ class LocalBackend:
             return subprocess.Popen(argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_ready(self, st: HeadState, deadline: float, progress: Progress) -> None:
+    def _wait_ready(self, st: HeadState, deadline: Deadline, progress: Progress) -> None:
         """Until the dashboard answers, the Jobs API lists jobs, the job agent listens and MLflow is healthy."""
         t0 = time.monotonic()
         agent = st.ports["dashboard-agent-listen-port"]
-        checks = [("Ray dashboard answers", lambda: _http_ok(st.dashboard + "/api/version")),
-                  ("Jobs API answers", lambda: _http_ok(st.dashboard + "/api/jobs/")),
-                  ("job agent listens", lambda: _listening(agent))]
+        pending = [("Ray dashboard answers", lambda: http.ok(st.dashboard + "/api/version")),
+                   ("Jobs API answers", lambda: http.ok(st.dashboard + "/api/jobs/")),
+                   ("job agent listens", lambda: _listening(agent))]
         if st.mlflow_pid:
-            checks.append((f"MLflow server healthy at {st.mlflow_uri}",
-                           lambda: _http_ok(f"{st.mlflow_uri}/health")))
-        pending = list(checks)
-        while pending:
+            pending.append((f"MLflow server healthy at {st.mlflow_uri}", lambda: http.ok(f"{st.mlflow_uri}/health")))
+
+        def ready() -> bool:
             for what, check in list(pending):
                 if check():
                     pending.remove((what, check))
                     progress(f"{what} after {time.monotonic() - t0:.1f} s")
             self._check_alive(st)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                waiting = ", ".join(what for what, _ in pending)
-                raise ClusterNotReady(
-                    f"local cluster '{self.name}' not ready after {time.monotonic() - t0:.0f} s (still waiting: "
-                    f"{waiting}). Last lines of {self.dir / 'head.log'}:\n"
-                    f"{_tail(self.dir / 'head.log')}\nRetry with a longer --timeout.")
-            time.sleep(0.2)
+            return not pending
+
+        if not poll_until(ready, timeout=deadline.left):
+            waiting = ", ".join(what for what, _ in pending)
+            raise ClusterNotReady(
+                f"local cluster '{self.name}' not ready after {time.monotonic() - t0:.0f} s (still waiting: "
+                f"{waiting}). Last lines of {self.dir / 'head.log'}:\n"
+                f"{_tail(self.dir / 'head.log')}\nRetry with a longer --timeout.")
 
     def _check_alive(self, st: HeadState) -> None:
         for pid, what, log in ((st.pid, "Ray head", "head.log"), (st.mlflow_pid, "MLflow server", "mlflow.log")):
@@ -242,7 +297,7 @@ class LocalBackend:
 
     # -- stop -----------------------------------------------------------------------------------------------------
 
-    def _stop(self, st: HeadState | None, progress: Progress, deadline: float) -> None:
+    def _stop(self, st: HeadState | None, progress: Progress, deadline: Deadline) -> None:
         """SIGTERM the head's and MLflow's process groups and every process of our temp dir; SIGKILL stragglers."""
         temp_dir = st.temp_dir if st else self.temp_dir
         t0 = time.monotonic()
@@ -253,13 +308,12 @@ class LocalBackend:
         progress(f"stopping local cluster '{self.name}'")
         for pid in find_leftovers(temp_dir):
             _signal(pid, signal.SIGTERM)
-        grace = time.monotonic() + min(TERM_GRACE_S, max(0.0, deadline - time.monotonic()))
-        left = _wait_gone(temp_dir, leaders, grace)
+        left = _wait_gone(temp_dir, leaders, min(TERM_GRACE_S, deadline.left))
         if left:
             progress(f"{len(left)} process(es) still running after {time.monotonic() - t0:.0f} s; killing them")
             for pid in left:
                 _signal(pid, signal.SIGKILL)
-            left = _wait_gone(temp_dir, leaders, max(deadline, time.monotonic() + 2.0))
+            left = _wait_gone(temp_dir, leaders, max(deadline.left, 2.0))
         if left:
             raise ClusterError(f"could not stop processes {left} of local cluster '{self.name}'; kill them by PID")
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -278,12 +332,7 @@ class LocalBackend:
                                f"by PID and delete it") from None
 
     def _save(self, st: HeadState) -> None:
-        path = self.dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(st), f, indent=2)
-        os.replace(tmp, path)
+        write_atomic(self.dir / STATE_FILE, json.dumps(asdict(st), indent=2))
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
@@ -334,12 +383,16 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # the pid leads its own session and group (start_new_session)
 
 
-def _wait_gone(temp_dir: str, leaders: list[int], until: float) -> list[int]:
-    while True:
-        left = sorted(set(find_leftovers(temp_dir)) | {pid for pid in leaders if _running(pid)})
-        if not left or time.monotonic() >= until:
-            return left
-        time.sleep(0.2)
+def _wait_gone(temp_dir: str, leaders: list[int], timeout: float) -> list[int]:
+    """The processes of the head still running once all are gone or `timeout` has passed."""
+    left: list[int] = []
+
+    def gone() -> bool:
+        left[:] = sorted(set(find_leftovers(temp_dir)) | {pid for pid in leaders if _running(pid)})
+        return not left
+
+    poll_until(gone, timeout=timeout)
+    return left
 
 
 def _child_env(temp_dir: str, extra: dict[str, Secret | str]) -> dict[str, str]:
@@ -381,14 +434,6 @@ def _mlflow_argv(port: int, directory: Path) -> list[str]:
     return [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
             "--port", str(port), "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
             "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[IO[str]]:
-    make_private(path.parent)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield f
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -452,15 +497,7 @@ def _free(port: int) -> bool:
     return True
 
 
-# -- HTTP -----------------------------------------------------------------------------------------------------------
-
-
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+# -- health ---------------------------------------------------------------------------------------------------------
 
 
 def _listening(port: int) -> bool:
@@ -472,8 +509,7 @@ def _listening(port: int) -> bool:
 def _detected_gpus(st: HeadState) -> int:
     """The GPUs Ray detected on the head (the state API's node resources), 0 if it cannot say."""
     try:
-        with urllib.request.urlopen(st.dashboard + "/api/v0/nodes", timeout=5) as resp:
-            nodes = json.load(resp)["data"]["result"]["result"]
+        nodes = http.request(st.dashboard, "GET", "/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
         return int(sum(node.get("resources_total", {}).get("GPU", 0) for node in nodes))
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+    except (http.Unreachable, ValueError, KeyError, TypeError):
         return 0
