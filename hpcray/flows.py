@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 from hpcray import jobs, targets
 from hpcray.backends import backend_for
 from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted
-from hpcray.http import Endpoint
-from hpcray.profile import Profile
+from hpcray.profile import JobSpec, Profile
 from hpcray.secrets import Secret
 from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight
 from hpcray.waiting import parse_duration
@@ -50,6 +49,8 @@ def _credentials(plan: CredentialPlan, *, dry_run: bool, warn: Say) -> Credentia
     """The credentials the plan needs. A dry run reads no terminal and does without missing ones, saying so:
     placeholders show where they would go."""
     placeholder = Credentials("<unset>", Secret("<unset>"))
+    if plan.where is None:
+        return None
     if dry_run and plan.source == "stdin":
         return placeholder
     try:
@@ -66,10 +67,6 @@ def _tracked(p: Profile, tracking_uri: str | None) -> Profile:
     if tracking_uri == p.mlflow.tracking_uri:
         return p
     return dataclasses.replace(p, mlflow=dataclasses.replace(p.mlflow, tracking_uri=tracking_uri))
-
-
-def _api(endpoint: Endpoint) -> jobs.JobsApi:
-    return jobs.JobsApi(endpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def jobs_api(p: Profile | None, address: str | None, progress: Say) -> Iterator[
         return
     assert p is not None, "a profile or an address"
     with backend_for(p).access(progress) as endpoint:
-        yield _api(endpoint)
+        yield jobs.JobsApi(endpoint)
 
 
 @dataclass
@@ -165,17 +162,17 @@ class Submit:
 def plan_submit(p: Profile, name: str | None, argv: list[str], *, overrides: Overrides | None = None,
                 submission_id: str | None = None, dry_run: bool = False, warn: Say) -> Submit:
     """The profile's job `name` (or an entrypoint `argv`) with the overrides, as Ray would receive it."""
-    plan = credential_plan(p)
-    credentials = _credentials(plan, dry_run=dry_run, warn=warn)
     o = overrides or Overrides()
     spec = jobs.with_overrides(jobs.job_spec(p, name, argv), working_dir=o.working_dir, requirements=o.requirements,
                                pip=o.pip, wheels=o.wheels, env=o.env, num_cpus=o.num_cpus, num_gpus=o.num_gpus)
     if o.runtime_env:
         spec = dataclasses.replace(spec, runtime_env={**spec.runtime_env, **o.runtime_env})
+    plan = credential_plan(p)
+    credentials = _credentials(plan, dry_run=dry_run, warn=warn)
     return _submission(_tracked(p, backend_for(p).tracking_uri()), name, spec, plan, credentials, submission_id, warn)
 
 
-def _submission(p: Profile, name: str | None, spec: Any, plan: CredentialPlan, credentials: Credentials | None,
+def _submission(p: Profile, name: str | None, spec: JobSpec, plan: CredentialPlan, credentials: Credentials | None,
                 submission_id: str | None, warn: Say) -> Submit:
     sub = jobs.build_submission(p, spec, name=name, credentials=credentials if plan.in_job else None,
                                 submission_id=submission_id, warn=warn)
@@ -364,7 +361,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
             report.tracking_uri = tracked.mlflow.tracking_uri
             if not p.mlflow.tracking_uri:
                 preflight(tracked, credentials)  # a server the backend started
-            api = _api(access.enter_context(backend.access(say)))
+            api = jobs.JobsApi(access.enter_context(backend.access(say)))
             for result in results:
                 sub = _submission(tracked, result.name, specs[result.name], plan, credentials, None, say).submission
                 current = result

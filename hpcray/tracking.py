@@ -102,12 +102,6 @@ def credential_plan(p: Profile) -> CredentialPlan:
     return CredentialPlan(where, m.credentials, file, secret_name(p.name) if where == "secret" else None)
 
 
-def load_credentials(p: Profile, *, environ: Mapping[str, str] | None = None,
-                     stdin: TextIO | None = None) -> Credentials | None:
-    """The MLflow credentials the profile's credential plan needs, or None when it needs none."""
-    return credential_plan(p).load(environ=environ, stdin=stdin)
-
-
 def read_credentials_file(path: Path) -> Credentials:
     try:
         mode = path.stat().st_mode

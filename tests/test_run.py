@@ -128,3 +128,24 @@ def test_keep_leaves_the_cluster_up(tmp_path: Path) -> None:
         env = {**os.environ, "HPCRAY_STATE_DIR": str(tmp_path / "state")}
         subprocess.run([sys.executable, "-m", "hpcray.cli", "down", "--profile", str(prof)], env=env, timeout=120)
     assert_nothing_left(tmp_path, temp_dir)
+
+
+def test_the_summary_reads_the_job_output_contract_once_per_line_across_chunks() -> None:
+    """Lines arrive in chunks cut anywhere; each complete line is read once, the last one even without a newline."""
+    import io
+
+    from hpcray.flows import JobOutput, JobResult
+
+    run_a, run_b = "a" * 32, "b" * 32
+    text = (f"epoch 1\nMLFLOW_RUN_ID={run_a}\nsome MLFLOW_RUN_ID={'c' * 32} mid-line is no contract\n"
+            f"best trial: val_loss 0.1 with {{'lr': 0.1}}\nMLFLOW_RUN_ID={run_a}\r\nnot best trial: x\n"
+            f"MLFLOW_RUN_ID={run_b}")
+    out, result = io.StringIO(), JobResult("j")
+    output = JobOutput(out, result)
+    for i in range(0, len(text), 7):
+        output.write(text[i:i + 7])
+    assert result.mlflow_run_ids == [run_a]  # the last line is not complete yet
+    output.close()
+    assert out.getvalue() == text  # passed through unchanged
+    assert result.mlflow_run_ids == [run_a, run_b]
+    assert result.highlights == ["best trial: val_loss 0.1 with {'lr': 0.1}"]

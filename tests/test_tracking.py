@@ -294,8 +294,8 @@ def test_preflight_creates_a_missing_experiment_for_the_user_and_leaves_no_run(m
 def test_preflight_speaks_http_without_importing_mlflow(mlflow_server: Any, tmp_path: Path) -> None:
     credentials = new_user(mlflow_server)
     profile = profile_file(tmp_path, "light", {"tracking_uri": mlflow_server.url, "experiment": "light"})
-    code = ("import sys\nfrom hpcray.profile import load_profile\nfrom hpcray.tracking import load_credentials, "
-            "preflight\np = load_profile(sys.argv[1])\npreflight(p, load_credentials(p))\n"
+    code = ("import sys\nfrom hpcray.profile import load_profile\nfrom hpcray.tracking import credential_plan, "
+            "preflight\np = load_profile(sys.argv[1])\npreflight(p, credential_plan(p).load())\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'ray')))\n")
     done = subprocess.run([sys.executable, "-c", code, str(profile)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **QUIET_ENV, **creds_env(credentials)})
