@@ -21,7 +21,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
-from hpcray import jobs, targets
+from hpcray import jobs
 from hpcray.backends import backend_for
 from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted
 from hpcray.profile import JobSpec, Profile
@@ -103,12 +103,14 @@ def status(p: Profile) -> ClusterStatus:
 
 def fleet(p: Profile) -> list[ClusterStatus]:
     """Every cluster hpcray made in the profile's kube context."""
+    from hpcray import targets
     from hpcray.backends import fleet as kuberay_fleet
 
     return kuberay_fleet.clusters(targets.kube_target(p))
 
 
 def gc(p: Profile, *, dry_run: bool, progress: Say) -> list[Expired]:
+    from hpcray import targets
     from hpcray.backends import fleet as kuberay_fleet
 
     return kuberay_fleet.gc(targets.kube_target(p), dry_run=dry_run, progress=progress)

@@ -7,7 +7,7 @@ import contextlib
 import select
 import socket
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hpcray import kube
 from hpcray.errors import ClusterError
@@ -75,7 +75,7 @@ class Relay:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     @contextlib.contextmanager
-    def serving(self) -> Any:
+    def serving(self) -> Iterator[Relay]:
         """Serve in a background thread while the block runs; closed afterwards."""
         threading.Thread(target=self.serve_forever, name="port-forward", daemon=True).start()
         try:

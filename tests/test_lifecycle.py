@@ -628,3 +628,20 @@ def test_a_pod_in_words(status: dict[str, Any], phase: str, reason: str) -> None
 def test_a_deleted_pod_is_terminating() -> None:
     s = kube.pod_state(_pod_with({"phase": "Running"}, deleting=True))
     assert (s.phase, s.reason) == ("Terminating", "being deleted")
+
+
+def test_both_backends_implement_the_whole_backend_interface() -> None:
+    """flows.py calls only what hpcray.backends.base.Backend declares: each backend has each of those methods, with
+    the same parameters (a backend may not drop one its callers pass)."""
+    import inspect
+
+    from hpcray.backends.base import Backend
+    from hpcray.backends.local import LocalBackend
+
+    declared = {name: inspect.signature(f) for name, f in vars(Backend).items()
+                if callable(f) and not name.startswith("_")}
+    assert {"plan", "up", "access", "dashboard", "tracking_uri", "status", "plan_down", "down"} <= set(declared)
+    for backend in (LocalBackend, KubeRayBackend):
+        for name, signature in declared.items():
+            assert list(inspect.signature(getattr(backend, name)).parameters) == list(signature.parameters), \
+                f"{backend.__name__}.{name}"
