@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from hpcray import shipped
 from hpcray.errors import ProfileError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = REPO_ROOT / "values" / "profiles"
-DEFAULT_TEMPLATE = REPO_ROOT / "values" / "raycluster.yaml.j2"
 KUBERAY_REPO = "https://ray-project.github.io/kuberay-helm/"
 
 
@@ -287,23 +285,164 @@ def _yaml_loader() -> type:
     return Loader
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Finding profiles: a path, or a name looked up in $HPCRAY_PROFILE_PATH, ./, the user's dir, the shipped examples
+# ---------------------------------------------------------------------------------------------------------------
+
+_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class ProfileDir:
+    path: Path
+    origin: str  # "env path", "cwd", "user dir" or "shipped"
+
+
+@dataclass(frozen=True)
+class FoundProfile:
+    name: str
+    path: Path
+    origin: str
+    shadowed_by: Path | None  # the earlier profile of the same name that `-p NAME` picks instead
+
+
+def user_profile_dir() -> Path:
+    """$XDG_CONFIG_HOME/hpcray/profiles (default ~/.config/hpcray/profiles): the user's own profiles."""
+    config = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"  # XDG: ignore relative
+    return base / "hpcray" / "profiles"
+
+
+def profile_dirs() -> list[ProfileDir]:
+    """Where a profile name is looked up, first match wins; a directory named twice counts once."""
+    dirs = [ProfileDir(Path(d).expanduser(), "env path")
+            for d in os.environ.get("HPCRAY_PROFILE_PATH", "").split(os.pathsep) if d]
+    dirs += [ProfileDir(Path.cwd(), "cwd"), ProfileDir(user_profile_dir(), "user dir"),
+             ProfileDir(shipped.path("profiles"), "shipped")]
+    seen: set[Path] = set()
+    unique = []
+    for d in dirs:
+        key = d.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def list_profiles() -> list[FoundProfile]:
+    """Every profile reachable by name, in lookup order; one whose name an earlier one has is shadowed."""
+    found: list[FoundProfile] = []
+    first: dict[str, Path] = {}
+    for d in profile_dirs():
+        try:
+            files = sorted(f for f in d.path.iterdir() if f.suffix in _SUFFIXES and not f.name.startswith("."))
+        except OSError:  # a directory that does not exist (yet) holds no profiles
+            continue
+        for f in files:
+            if f.is_file():
+                found.append(FoundProfile(f.stem, f, d.origin, first.get(f.stem)))
+                first.setdefault(f.stem, f)
+    return found
+
+
+def is_path_ref(ref: str) -> bool:
+    """A profile reference with a '/' or a .yaml/.yml suffix is a file path; anything else is a name."""
+    return "/" in ref or os.sep in ref or Path(ref).suffix in _SUFFIXES
+
+
 def resolve_profile_path(ref: str | os.PathLike[str] | None) -> Path:
-    """A profile given as a path, or as a name in values/profiles/ (`local`, `vega`)."""
-    if ref is None:
-        ref = os.environ.get("HPCRAY_PROFILE") or "local"
-    path = Path(os.path.expanduser(str(ref)))
-    if path.suffix in (".yaml", ".yml") or os.sep in str(ref):
+    """A profile given as a path, or as a name found in profile_dirs() (`local`, `vega`, `hpcray init` ones)."""
+    text = str(ref if ref is not None else os.environ.get("HPCRAY_PROFILE") or "local")
+    if is_path_ref(text):
+        path = Path(os.path.expanduser(text))
         if not path.is_file():
-            raise ProfileError(str(ref), "", "no such profile file; pass a path to a YAML profile or a name from "
-                                             f"{PROFILES_DIR}")
+            raise ProfileError(text, "", "no such profile file; pass a path to a YAML profile or a profile name "
+                                         "(`hpcray profile --list`)")
         return path
-    for candidate in (PROFILES_DIR / f"{ref}.yaml", PROFILES_DIR / f"{ref}.yml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.y*ml"))
-    hint = difflib.get_close_matches(str(ref), known, n=1)
+    dirs = profile_dirs()
+    for d in dirs:
+        for suffix in _SUFFIXES:
+            if (d.path / f"{text}{suffix}").is_file():
+                return d.path / f"{text}{suffix}"
+    known = sorted({f.name for f in list_profiles()})
+    hint = difflib.get_close_matches(text, known, n=1)
     did = f"did you mean '{hint[0]}'? " if hint else ""
-    raise ProfileError(str(ref), "", f"no such profile; {did}known profiles: {', '.join(known) or 'none'}")
+    looked = ", ".join(f"{d.path} ({d.origin})" for d in dirs)
+    raise ProfileError(text, "", f"no such profile; {did}known profiles: {', '.join(known) or 'none'}; looked in "
+                                 f"{looked}; pass a path, or make one with `hpcray init {text}`")
+
+
+def profile_ref(source: Path) -> str:
+    """The shortest `--profile` value that picks this file: its name when the name lookup finds it, else its path."""
+    try:
+        if resolve_profile_path(source.stem).resolve() == source.resolve():
+            return source.stem
+    except ProfileError:
+        pass
+    return str(source)
+
+
+@dataclass(frozen=True)
+class MadeProfile:
+    path: Path
+    source: Path
+    notes: list[str]
+
+
+_NAME_LINE = re.compile(r"^name:[ \t]*[^#\n]*?(?P<comment>[ \t]+#[^\n]*)?$", re.M)
+
+
+def init_profile(name: str, source_ref: str) -> MadeProfile:
+    """Copy profile `source_ref` (comments kept, `name:` set to `name`) to NAME.yaml in the user's profile dir.
+    Refuses a bad name, an invalid source or an existing file before anything is written."""
+    import yaml
+
+    if not _DNS_LABEL.match(name) or len(name) > 40:
+        fix = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "mysite"
+        raise ProfileError(name, "", f"not a profile name: it must be a lowercase DNS label of at most 40 characters "
+                                     f"(a-z, 0-9, '-'), because it names the Helm release; e.g. {fix}")
+    dest = user_profile_dir() / f"{name}.yaml"
+    for existing in (dest, dest.with_suffix(".yml")):
+        if existing.exists():
+            raise ProfileError(str(existing), "", "already exists and is never overwritten; edit it, or remove it "
+                                                  f"and run `hpcray init {name}` again, or choose another name")
+    src = resolve_profile_path(source_ref)
+    p = load_profile(src)  # a copy of a broken profile would only fail later
+    text, count = _NAME_LINE.subn(lambda m: f"name: {name}{m.group('comment') or ''}", src.read_text(), count=1)
+    if count != 1 or (yaml.safe_load(text) or {}).get("name") != name:
+        raise ProfileError(str(src), "name", f"cannot set the name in this file's layout; copy it to {dest} by hand "
+                                             "and set name there")
+    header = f"# Made by `hpcray init {name} --from {source_ref}` from {src}; every key: `hpcray profile --schema`\n"
+    notes = []
+    if src.parent.resolve() != dest.parent.resolve():
+        moved = [f"{key}: {value}" for key, value in _relative_paths(p)]
+        if moved:
+            notes.append(f"{dest} keeps relative paths that now start from {dest.parent} ({'; '.join(moved)}); "
+                         "make them absolute there")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(dest, "x", encoding="utf-8") as fh:  # "x": a file made meanwhile is not overwritten either
+            fh.write(header + text)
+    except FileExistsError:
+        raise ProfileError(str(dest), "", "already exists and is never overwritten; edit it, or choose another "
+                                          "name") from None
+    return MadeProfile(dest, src, notes)
+
+
+def _relative_paths(p: Profile) -> list[tuple[str, str]]:
+    """The profile's paths that are relative to its file (see Profile.resolve_path)."""
+    paths = [("template", p.template), ("chart.path", p.chart.path), ("kubernetes.kubeconfig", p.kubernetes.kubeconfig),
+             ("mlflow.credentials_file", p.mlflow.credentials_file)]
+    for job_name, job in p.jobs.items():
+        paths += [(f"jobs.{job_name}.working_dir", job.working_dir), (f"jobs.{job_name}.requirements", job.requirements)]
+        paths += [(f"jobs.{job_name}.wheels", w) for w in job.wheels]
+    return [(key, value) for key, value in paths
+            if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))]
+
+
+def builtin_variables() -> dict[str, str]:
+    """`${NAME}` references every profile may use besides the environment's."""
+    return {"HPCRAY_EXAMPLES": str(shipped.path("examples"))}
 
 
 def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Profile:
@@ -325,7 +464,7 @@ def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None 
         raise ProfileError(where, "", f"malformed YAML: {problem}; fix the syntax there") from None
     if not isinstance(data, dict):
         raise ProfileError(shown, "", "a profile is a YAML mapping of keys (name, backend, head, …)")
-    converter = _Converter(shown, os.environ if env is None else env)
+    converter = _Converter(shown, {**(os.environ if env is None else env), **builtin_variables()})
     profile = converter.build(Profile, data, "")
     profile.source = path.resolve()
     profile.key_lines = converter.lines

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcray.errors import TemplateError, ValuesError
-from hpcray.profile import DEFAULT_TEMPLATE, HeadSpec, Profile, WorkerGroupSpec
+from hpcray import shipped
+from hpcray.profile import HeadSpec, Profile, WorkerGroupSpec
 from hpcray.state import QUIET_ENV
 
 VIRTUAL_NODE_TOLERATION = {"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"}
@@ -124,7 +125,7 @@ def render_values_text(p: Profile, annotations: dict[str, str] | None = None) ->
     """The rendered template, before YAML parsing; raises TemplateError naming the template and line."""
     import jinja2
 
-    path = p.resolve_path(p.template) if p.template else DEFAULT_TEMPLATE
+    path = p.resolve_path(p.template) if p.template else shipped.path("templates", "raycluster.yaml.j2")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(path.parent)),
         undefined=jinja2.StrictUndefined,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from hpcray import helm, kube
 from hpcray.backends.base import ClusterStatus, NodeStatus, Progress
 from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError, HpcrayError, Interrupted, KubeError
-from hpcray.profile import PROFILES_DIR, Profile
+from hpcray.profile import Profile, profile_ref
 from hpcray.render import PROFILE_LABEL
 from hpcray.secrets import Secret
 from hpcray.state import make_private, state_dir
@@ -60,8 +60,7 @@ class KubeRayBackend:
     def __init__(self, profile: Profile) -> None:
         self.p = profile
         self.name = profile.name
-        # how commands we suggest name the profile: its name when it lives in values/profiles, else its path
-        self.ref = profile.name if profile.source.parent == PROFILES_DIR else str(profile.source)
+        self.ref = profile_ref(profile.source)  # how commands we suggest name the profile
 
     @property
     def selector(self) -> str:
