@@ -159,7 +159,8 @@ def _list_profiles(as_json: bool) -> None:
 @click.option("--from", "source", default="local", show_default=True, metavar="PROFILE",
               shell_complete=_complete_profiles, help="The profile to start from: vega, local, another name or a path.")
 def init_cmd(name: str, source: str) -> None:
-    """Write profile NAME, a commented copy of another, into your profile dir to edit; never overwrites."""
+    """Write NAME.yaml, a commented copy of another profile, to edit into ~/.config/hpcray/profiles/
+    ($XDG_CONFIG_HOME/hpcray/profiles/); never overwrites. `--profile NAME` then finds it."""
     from hpcray.profile import init_profile, profile_ref
 
     made = init_profile(name, source)

@@ -202,7 +202,7 @@ OFFLINE: list[tuple[str, Offline, str]] = [
     ("unknown profile name via up", Offline(["up", "-p", "vegaa"], ["vegaa", "did you mean 'vega'?"]),
      "`hpcray: error: vegaa: … did you mean 'vega'?`"),
     ("profile file missing via down", Offline(["down", "-p", "{in}/gone.yaml"], ["{in}/gone.yaml: no such profile file"]),
-     "`PATH: no such profile file; pass a path to a YAML profile or a name from values/profiles`"),
+     "`PATH: no such profile file; pass a path to a YAML profile or a profile name (`hpcray profile --list`)`"),
     ("--env without =", Offline(["submit", "--address", "{dashboard}", "--env", "EPOCHS", "--", "true"],
                                 ["--env: 'EPOCHS' is not K=V", "see `hpcray submit --help`"]),
      "`Invalid value for --env: 'EPOCHS' is not K=V; see `hpcray submit --help``"),
