@@ -408,7 +408,8 @@ def init_profile(name: str, source_ref: str) -> MadeProfile:
                                                   f"and run `hpcray init {name}` again, or choose another name")
     src = resolve_profile_path(source_ref)
     p = load_profile(src)  # a copy of a broken profile would only fail later
-    text, count = _NAME_LINE.subn(lambda m: f"name: {name}{m.group('comment') or ''}", src.read_text(), count=1)
+    original = src.read_text(encoding="utf-8")
+    text, count = _NAME_LINE.subn(lambda m: f"name: {name}{m.group('comment') or ''}", original, count=1)
     if count != 1 or (yaml.safe_load(text) or {}).get("name") != name:
         raise ProfileError(str(src), "name", f"cannot set the name in this file's layout; copy it to {dest} by hand "
                                              "and set name there")
@@ -431,11 +432,12 @@ def init_profile(name: str, source_ref: str) -> MadeProfile:
 
 def _relative_paths(p: Profile) -> list[tuple[str, str]]:
     """The profile's paths that are relative to its file (see Profile.resolve_path)."""
-    paths = [("template", p.template), ("chart.path", p.chart.path), ("kubernetes.kubeconfig", p.kubernetes.kubeconfig),
-             ("mlflow.credentials_file", p.mlflow.credentials_file)]
+    paths = [("template", p.template), ("chart.path", p.chart.path),
+             ("kubernetes.kubeconfig", p.kubernetes.kubeconfig), ("mlflow.credentials_file", p.mlflow.credentials_file)]
     for job_name, job in p.jobs.items():
-        paths += [(f"jobs.{job_name}.working_dir", job.working_dir), (f"jobs.{job_name}.requirements", job.requirements)]
-        paths += [(f"jobs.{job_name}.wheels", w) for w in job.wheels]
+        key = f"jobs.{job_name}"
+        paths += [(f"{key}.working_dir", job.working_dir), (f"{key}.requirements", job.requirements)]
+        paths += [(f"{key}.wheels", w) for w in job.wheels]
     return [(key, value) for key, value in paths
             if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))]
 

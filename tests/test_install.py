@@ -3,8 +3,8 @@ profile dir, then the examples shipped in the package; `hpcray init` writes one 
 
 The slow tests build a wheel from a copy of this checkout, install it into a new venv in an empty directory outside
 the checkout, and run it there with HOME and the XDG dirs in that directory, PYTHONPATH unset. Cost, measured here
-(2 cores, shared): ~16 s to build and install, then ~90 s for `hpcray run -p local training hpo` and ~55 s for
-one more local head (the upload check). Dependencies: a real `pip install` of the wheel with its ~130 dependencies
+(2 cores, shared): ~16-20 s to build and install, then 90-140 s for `hpcray run -p local training hpo` and ~55 s
+for one more local head (the upload check); the fast tests below take ~10 s. Dependencies: a real `pip install` of the wheel with its ~130 dependencies
 (1.3 GB) took 2 min 20 s to 4 min 15 s here, so the new venv borrows them from the running interpreter's
 site-packages through a .pth file (a plain path: that directory's own .pth files, such as an editable install of
 this checkout, stay inactive) while hpcray itself comes only from the wheel (`pip install --no-deps`). `ray` and
@@ -45,8 +45,8 @@ class Installed:
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) \
             -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.hpcray), *args], capture_output=True, text=True, env={**self.env, **(env or {})},
-                              cwd=self.root, timeout=timeout)
+        return subprocess.run([str(self.hpcray), *args], capture_output=True, text=True,
+                              env={**self.env, **(env or {})}, cwd=self.root, timeout=timeout)
 
 
 def _step(argv: list[str], **kwargs: object) -> str:
