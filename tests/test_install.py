@@ -4,12 +4,13 @@ profile dir, then the examples shipped in the package; `hpcray init` writes one 
 The slow tests build a wheel from a copy of this checkout, install it into a new venv in an empty directory outside
 the checkout, and run it there with HOME and the XDG dirs in that directory, PYTHONPATH unset. Cost, measured here
 (2 cores, shared): ~16-20 s to build and install, then 90-140 s for `hpcray run -p local training hpo` and ~55 s
-for one more local head (the upload check); the fast tests below take ~10 s. Dependencies: a real `pip install` of the wheel with its ~130 dependencies
-(1.3 GB) took 2 min 20 s to 4 min 15 s here, so the new venv borrows them from the running interpreter's
-site-packages through a .pth file (a plain path: that directory's own .pth files, such as an editable install of
-this checkout, stay inactive) while hpcray itself comes only from the wheel (`pip install --no-deps`). `ray` and
-`mlflow` executables, which the local backend starts from beside its Python, are made beside the new one as pip
-makes console scripts.
+for one more local head (the upload check); the fast tests below take ~10 s.
+
+Dependencies: a real `pip install` of the wheel with its ~130 dependencies (1.3 GB) took 2 min 20 s to 4 min 15 s
+here, so the new venv borrows them from the running interpreter's site-packages through a .pth file (a plain path:
+that directory's own .pth files, such as an editable install of this checkout, stay inactive) while hpcray itself
+comes only from the wheel (`pip install --no-deps`). `ray` and `mlflow` executables, which the local backend starts
+from beside its Python, are made beside the new one as pip makes console scripts.
 """
 
 from __future__ import annotations
