@@ -187,7 +187,8 @@ class InterlinkSpec:
 class MlflowSpec:
     """Where jobs log, and where their credentials come from (never the credentials themselves)."""
 
-    tracking_uri: str | None = opt(None, "MLflow tracking server (or sqlite:/// store for local runs).",
+    tracking_uri: str | None = opt(None, "MLflow tracking server (or sqlite:/// store for local runs); no "
+                                         "`user:password@` in it, credentials come from mlflow.credentials.",
                                    "https://mlflow.intertwin.fedcloud.eu")
     experiment: str = opt("hpcray", "Experiment the jobs log to.", "hython-hpo")
     credentials: Literal["env", "file", "stdin", "none"] = opt(
