@@ -31,7 +31,8 @@ def image_of(p: Profile) -> Image:
 
 
 def slurm_flags(p: Profile, g: HeadSpec) -> str:
-    """sbatch flags of one pod. GPUs are always `--gres`: interLink's SLURM plugin turns no limit into a GPU flag."""
+    """sbatch flags of one pod. GPUs are `--gres` in either gpu_mode: interLink's SLURM plugin makes no sbatch flag
+    of an nvidia.com/gpu limit (the limit only picks a site's GPU flavor)."""
     s = p.interlink.slurm
     flags = []
     if s.partition:
@@ -290,10 +291,10 @@ def check_interlink_pods(raycluster: dict[str, Any]) -> None:
                 raise ValuesError(f"{label}: volume {v.get('name')} is a PVC, which interLink's SLURM plugin ignores "
                                   "while dropping every bind of the container (/tmp/ray included); use a hostPath "
                                   "on the SLURM side")
-            host_type = (v.get("hostPath") or {"type": HOST_PATH_TYPES[0]}).get("type")
-            if host_type not in HOST_PATH_TYPES:
-                raise ValuesError(f"{label}: volume {v.get('name')} is a hostPath of type {host_type!r}; interLink's "
-                                  f"SLURM plugin fails the pod unless the type is {' or '.join(HOST_PATH_TYPES)}")
+            if "hostPath" in v and v["hostPath"].get("type") not in HOST_PATH_TYPES:
+                raise ValuesError(f"{label}: volume {v.get('name')} is a hostPath of type "
+                                  f"{v['hostPath'].get('type')!r}; interLink's SLURM plugin fails the pod unless the "
+                                  f"type is {' or '.join(HOST_PATH_TYPES)}")
 
 
 @dataclass

@@ -208,12 +208,18 @@ def test_interlink_host_path_is_typed(helm_bin: str, charts_env: Path, tmp_path:
     assert volumes["data"]["hostPath"] == {"path": "/ceph/data", "type": expected}
 
 
-def test_values_override_with_a_pvc_is_refused_for_interlink(helm_bin: str, charts_env: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("volume,refusal", [
+    ({"name": "ckpt", "persistentVolumeClaim": {"claimName": "checkpoints"}},
+     "head: volume ckpt is a PVC, which interLink's SLURM plugin ignores"),
+    ({"name": "data", "hostPath": {"path": "/ceph"}},
+     "head: volume data is a hostPath of type None; interLink's SLURM plugin fails the pod unless the type is "
+     "Directory or DirectoryOrCreate")], ids=["pvc", "untyped-host-path"])
+def test_values_override_with_a_volume_the_plugin_cannot_bind_is_refused(
+        helm_bin: str, charts_env: Path, tmp_path: Path, volume: dict[str, Any], refusal: str) -> None:
     from hpcray.errors import ValuesError
 
-    p = load_profile(write(tmp_path, INTERLINK, {"values": {"head": {"volumes": [
-        {"name": "ckpt", "persistentVolumeClaim": {"claimName": "checkpoints"}}]}}}))
-    with pytest.raises(ValuesError, match="head: volume ckpt is a PVC, which interLink's SLURM plugin ignores"):
+    p = load_profile(write(tmp_path, INTERLINK, {"values": {"head": {"volumes": [volume]}}}))
+    with pytest.raises(ValuesError, match=refusal):
         check_release(p, dump_values(render_values(p)), required=True, warn=print)
 
 
