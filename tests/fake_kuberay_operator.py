@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tests.fake_kube_api import EVENTS, NODES, PODS, SERVICES, ApiError, Change, Obj, now_iso
+from tests.fake_kube_objects import EVENTS, NODES, PODS, SERVICES, ApiError, Obj, now_iso
+from tests.fake_kube_store import Change
 
 if TYPE_CHECKING:
     from tests.fake_kube_api import FakeKubeAPI, Resource
