@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -29,8 +30,10 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 from aiohttp import web
 
-from tests.fake_kube_objects import (BUILTIN, CRDS, NAMESPACES, PODS, ApiError, Obj, Resource, field_matcher,
-                                     label_matcher, now_iso, resources_from_crd)
+from tests.fake_kube_objects import (CRDS, ENDPOINTS, NAMESPACES, PODS, SERVICES, ApiError, Obj, Resource, field_matcher,
+                                     label_matcher, now_iso)
+from tests.fake_kube_proxy import pod_subresource, service_proxy
+from tests.fake_kube_scheduler import cluster_hosts
 from tests.fake_kube_patches import decode_protobuf
 from tests.fake_kube_store import ABORT, DROP, Change, Store, Watcher
 
@@ -164,6 +167,10 @@ class FakeKubeAPI:
         # What listens inside the fake pods: (label selector, container port) -> a real 127.0.0.1 address that
         # the portforward endpoint connects to (a test's Ray head, say). See serve_pod_port().
         self.pod_ports: list[tuple[Callable[[Obj], bool], int, tuple[str, int]]] = []
+        # interLink virtual kubelets by node name (tests/fake_interlink.py registers itself here)
+        self.virtual_kubelets: dict[str, Any] = {}
+        self.pod_network: Any = None  # the box's pod network (tests/fake_interlink_net.py), or None
+        self.cluster_dns: Path | None = None  # a hosts file kept in step with the Services' ready endpoints
         for ns in ("default", "kube-system"):
             self.store.create(NAMESPACES, {"metadata": {"name": ns}})
         crd_files = list(crds) if crds is not None else [default_crd()] if default_crd().is_file() else []
@@ -304,6 +311,19 @@ class FakeKubeAPI:
         res = self.resource(resource)
         self.call(self.store.delete, res, namespace if res.namespaced else None, name, propagation)
 
+    def write_cluster_dns(self) -> None:
+        """Rewrite `cluster_dns` in place when the Services' ready endpoints changed (a container that bind-mounted
+        it as /etc/hosts sees the new content: the inode stays)."""
+        if self.cluster_dns is None:
+            return
+        text = cluster_hosts(self.store.list(ENDPOINTS), socket.gethostname())
+        path = self.cluster_dns
+        if path.exists() and path.read_text() == text:
+            return
+        with open(path, "r+" if path.exists() else "w") as f:
+            f.write(text)
+            f.truncate()
+
     def serve_pod_port(self, selector: str, port: int, target: tuple[str, int]) -> None:
         """Pods matching the label selector listen on `port`: a port-forward to it reaches `target`."""
         self.pod_ports.append((label_matcher(selector), port, target))
@@ -383,8 +403,12 @@ class FakeKubeAPI:
             namespace, rest = rest[1], rest[2:]
         else:
             res = store.resource(group, version, rest[0])
-        if res is PODS and len(rest) == 3 and rest[2] == "portforward":
-            return await self._portforward(request, namespace, rest[1])
+        if res is PODS and len(rest) == 3 and rest[2] in ("portforward", "exec", "attach", "log") and namespace:
+            return await pod_subresource(self, request, namespace, rest[1], rest[2])
+        if res is SERVICES and len(rest) >= 3 and rest[2] == "proxy" and namespace:
+            raw = request.rel_url.raw_path
+            path = raw.split(f"/{rest[1]}/proxy", 1)[1].lstrip("/") if f"/{rest[1]}/proxy" in raw else ""
+            return await service_proxy(self, request, namespace, rest[1], path)
         if res is None or len(rest) > 3 or (len(rest) == 3 and not (rest[2] == "status" and res.has_status)):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         name, sub = (rest[1:] + ["", ""])[:2]
@@ -463,56 +487,6 @@ class FakeKubeAPI:
             if served:
                 return web.json_response(openapi_v3_doc(served))
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
-
-    async def _portforward(self, request: web.Request, ns: str | None, name: str) -> web.StreamResponse:
-        """The kubelet's port-forward over the v4 channel protocol: per requested port i, channel 2i carries data
-        and 2i+1 errors, each opened by a frame with the port number (2 bytes, little-endian); every other frame is
-        the channel byte and a payload. A port nothing listens on gets its error, like a real kubelet's."""
-        pod = self.store.get(PODS, ns, name)
-        if pod.get("status", {}).get("phase") != "Running":
-            raise ApiError(400, "BadRequest", f"pod {name} is not running: cannot port-forward to it")
-        try:
-            ports = [int(p) for value in request.query.getall("ports", []) for p in value.split(",") if p]
-        except ValueError:
-            raise ApiError(400, "BadRequest", "invalid port in 'ports'") from None
-        if not ports:
-            raise ApiError(400, "BadRequest", "at least one port is required ('ports')")
-        ws = web.WebSocketResponse(protocols=("v4.channel.k8s.io", "portforward.k8s.io"))
-        await ws.prepare(request)
-        writers: dict[int, asyncio.StreamWriter] = {}
-        pumps: list[asyncio.Task[None]] = []
-
-        async def pump(reader: asyncio.StreamReader, channel: int) -> None:
-            while data := await reader.read(65536):
-                await ws.send_bytes(bytes([channel]) + data)
-            await ws.close()
-
-        try:
-            for i, port in enumerate(ports):
-                for channel in (2 * i, 2 * i + 1):
-                    await ws.send_bytes(bytes([channel]) + port.to_bytes(2, "little"))
-                target = next((t for matches, p, t in self.pod_ports if p == port and matches(pod)), None)
-                try:
-                    if target is None:
-                        raise ConnectionRefusedError("connection refused")
-                    reader, writers[2 * i] = await asyncio.open_connection(*target)
-                except OSError as exc:
-                    await ws.send_bytes(bytes([2 * i + 1]) + f"error forwarding port {port} to pod {name}: failed to "
-                                        f"connect to localhost:{port}: {exc}".encode())
-                    continue
-                pumps.append(asyncio.create_task(pump(reader, 2 * i)))
-            async for msg in ws:
-                if msg.type == web.WSMsgType.BINARY and msg.data and msg.data[0] in writers:
-                    writers[msg.data[0]].write(msg.data[1:])
-                    await writers[msg.data[0]].drain()
-        except (ConnectionError, RuntimeError):
-            pass  # either side went away
-        finally:
-            for task in pumps:
-                task.cancel()
-            for writer in writers.values():
-                writer.close()
-        return ws
 
     async def _watch(self, request: web.Request, res: Resource, ns: str | None) -> web.StreamResponse:
         q, store = request.query, self.store

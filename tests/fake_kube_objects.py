@@ -51,6 +51,7 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False, frozenset({"st
 NODES = Resource("", "v1", "nodes", "Node", False, frozenset({"spec.unschedulable"}), short_names=("no",))
 PODS = Resource("", "v1", "pods", "Pod", fields=_POD_FIELDS, short_names=("po",))
 SERVICES = Resource("", "v1", "services", "Service", short_names=("svc",))
+ENDPOINTS = Resource("", "v1", "endpoints", "Endpoints", has_status=False, short_names=("ep",))
 SECRETS = Resource("", "v1", "secrets", "Secret", fields=frozenset({"type"}), has_status=False)
 CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap", has_status=False, short_names=("cm",))
 EVENTS = Resource("", "v1", "events", "Event", fields=_EVENT_FIELDS, has_status=False, short_names=("ev",))
@@ -58,7 +59,7 @@ SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", has_st
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", short_names=("deploy",))
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
                 short_names=("crd",))
-BUILTIN = (NAMESPACES, NODES, PODS, SERVICES, SECRETS, CONFIGMAPS, EVENTS, SERVICEACCOUNTS, DEPLOYMENTS, CRDS)
+BUILTIN = (NAMESPACES, NODES, PODS, SERVICES, ENDPOINTS, SECRETS, CONFIGMAPS, EVENTS, SERVICEACCOUNTS, DEPLOYMENTS, CRDS)
 
 
 class ApiError(Exception):

@@ -153,11 +153,31 @@ class Store:
         return obj if dry_run else self._commit(res, None, obj)
 
     def _default(self, res: Resource, obj: Obj) -> None:
+        """The API server's defaulting that the fakes depend on (pkg/apis/core/v1/defaults.go): a container's
+        requests default to its limits, a hostPath's type to "" (HostPathUnset), a Service port's targetPort to
+        its port."""
         if res is PODS:
             obj.setdefault("status", {"phase": "Pending"})
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("restartPolicy", "Always")
+            spec.setdefault("schedulerName", "default-scheduler")
+            for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+                resources = c.get("resources") or {}
+                if resources.get("limits"):
+                    c["resources"] = {**resources, "requests": {**resources["limits"],
+                                                                **(resources.get("requests") or {})}}
+                for p in c.get("ports") or []:
+                    p.setdefault("protocol", "TCP")
+            for v in spec.get("volumes") or []:
+                if "hostPath" in v:
+                    v["hostPath"].setdefault("type", "")
         elif res is SERVICES and obj.setdefault("spec", {}).get("type", "ClusterIP") != "ExternalName":
             n = self.rv + 1
+            obj["spec"].setdefault("type", "ClusterIP")
             obj["spec"].setdefault("clusterIP", f"10.96.{n // 250 % 250}.{n % 250 + 1}")
+            for p in obj["spec"].get("ports") or []:
+                p.setdefault("protocol", "TCP")
+                p.setdefault("targetPort", p.get("port"))
         elif res is NAMESPACES:
             obj["status"] = {"phase": "Active"}
         elif res is SECRETS:

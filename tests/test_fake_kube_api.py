@@ -58,7 +58,8 @@ def ray_cluster(name: str = "rc", workers: int = 2, group: str = "wg") -> dict[s
     def template(container: str) -> dict[str, Any]:
         return {"metadata": {"labels": {"team": "ml"}, "annotations": {"note": "copied"}},
                 "spec": {"containers": [{"name": container, "image": "rayproject/ray:2.9.0"}],
-                         "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]}}
+                         "nodeSelector": {"kubernetes.io/os": "linux"},
+                         "tolerations": [{"key": "gpu", "operator": "Exists"}]}}
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name},
             "spec": {"headGroupSpec": {"rayStartParams": {}, "template": template("ray-head")},
                      "workerGroupSpecs": [{"groupName": group, "replicas": workers, "minReplicas": 0, "maxReplicas": 5,
@@ -211,14 +212,15 @@ def test_watch_sees_pods_go_pending_to_ready(kube: FakeKubeAPI) -> None:
     assert all(s[0] == "Pending" and "Running" in s for s in states.values()), states
     head = v1.list_namespaced_pod("default", label_selector="ray.io/node-type=head").items[0]
     assert head.metadata.name.startswith("rc-head-") and head.metadata.labels["ray.io/group"] == "headgroup"
-    assert head.metadata.labels["team"] == "ml" and head.metadata.annotations == {"note": "copied"}
-    assert head.spec.node_selector == {"gpu": "a100"} and head.spec.tolerations[0].key == "gpu"
+    assert head.metadata.labels["team"] == "ml"
+    assert head.metadata.annotations == {"note": "copied", "ray.io/ft-enabled": "false"}
+    assert head.spec.node_selector == {"kubernetes.io/os": "linux"} and head.spec.tolerations[0].key == "gpu"
     assert head.metadata.owner_references[0].kind == "RayCluster"
     node = v1.read_node(head.spec.node_name)
     assert [(c.type, c.status) for c in node.status.conditions] == [("Ready", "True")]
     svc = v1.read_namespaced_service("rc-head-svc", "default")
     assert {p.name: p.port for p in svc.spec.ports} == {"client": 10001, "dashboard": 8265, "gcs-server": 6379,
-                                                        "metrics": 8080}
+                                                        "metrics": 8080, "serve": 8000}  # KubeRay's defaults
     status = wait_for("status", lambda: (s := kube.get("rayclusters", "rc")["status"]).get("state") and s)
     assert status["state"] == "ready" and status["readyWorkerReplicas"] == 2
 
