@@ -184,6 +184,11 @@ class FakeKubeAPI:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The server's event loop while it serves (where the store lives)."""
+        return self._loop
+
+    @property
     def url(self) -> str:
         return f"{'https' if self._cert else 'http'}://127.0.0.1:{self.port}"
 
