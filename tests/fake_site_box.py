@@ -159,6 +159,7 @@ class SiteBox:
         venv_bin = Path(sys.executable).parent
         env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", **self.slurm.env, **QUIET, "HOME": os.environ.get("HOME", "/root"),
                "FAKE_SINGULARITY_LOG": str(log), "FAKE_SINGULARITY_CONTAINER_PATH": f"{venv_bin}:{SYSTEM_PATH}",
+               "FAKE_SINGULARITY_IMAGE_DIRS": f"{sys.prefix}:{sys.base_prefix}",
                "HPCRAY_BOX_DNS": str(self.api.cluster_dns), **(self.network.env() if self.network else {})}
         self.plugin = SlurmPlugin(PluginConfig(data_root=data_root, env=env))
         self.vk = FakeVirtualKubelet(self.api, node=self.node, plugin=self.plugin, pod_network=self.network,
