@@ -123,7 +123,8 @@ def split_scheme_name_port(ident: str) -> tuple[str, str, str]:
 
 
 def service_location(api: FakeKubeAPI, ns: str, ident: str) -> tuple[str, str, int]:
-    """(scheme, ip, port) of one ready endpoint serving the requested service port, or the API server's error."""
+    """(scheme, host, port) of one ready endpoint serving the requested service port, or the API server's error.
+    A pod on a regular node is reached where the test said it listens (`FakeKubeAPI.serve_pod_port`)."""
     scheme, name, port = split_scheme_name_port(ident)
     svc = api.store.get(SERVICES, ns, name)
     port_name: str | None = port
@@ -137,11 +138,17 @@ def service_location(api: FakeKubeAPI, ns: str, ident: str) -> tuple[str, str, i
         raise ApiError.not_found(ENDPOINTS, name)
     if not endpoints.get("subsets"):
         raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{name}"')
-    addresses = ready_addresses(endpoints, port_name, None)
+    addresses = ready_addresses(endpoints, port_name or "")
     if not addresses:
         raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{ident}"')
-    ip, target = addresses[0]
-    return scheme, ip, target
+    address, target = addresses[0]
+    ref = address.get("targetRef") or {}
+    pod = api.store.find(PODS, ref.get("namespace"), ref.get("name", ""))
+    if pod is not None and pod["spec"].get("nodeName") not in api.virtual_kubelets:
+        mapped = next((t for matches, p, t in api.pod_ports if p == target and matches(pod)), None)
+        if mapped is not None:
+            return scheme, mapped[0], mapped[1]
+    return scheme, address["ip"], target
 
 
 def _connector(api: FakeKubeAPI, ip: str) -> aiohttp.TCPConnector:

@@ -297,14 +297,13 @@ def endpoints_for(service: Obj, pods: list[Obj], routable: Iterable[str] = ()) -
     return out
 
 
-def ready_addresses(endpoints: Obj | None, port_name: str | None, port_number: int | None) -> list[tuple[str, int]]:
-    """(ip, port) of the ready endpoints serving a service port given by name or number."""
+def ready_addresses(endpoints: Obj | None, port_name: str) -> list[tuple[Obj, int]]:
+    """(address, port) of the ready endpoints serving the named service port."""
     found = []
     for subset in (endpoints or {}).get("subsets") or []:
         for port in subset.get("ports") or []:
-            if (port_name is not None and port.get("name", "") == port_name) or \
-                    (port_number is not None and port["port"] == port_number):
-                found += [(a["ip"], port["port"]) for a in subset.get("addresses") or []]
+            if port.get("name", "") == port_name:
+                found += [(a, port["port"]) for a in subset.get("addresses") or []]
     return found
 
 

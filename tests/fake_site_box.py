@@ -109,14 +109,15 @@ class SiteBox:
     def __init__(self, root: Path | None = None, *, node: str = "vega-box-vk", namespace: str = "default",
                  cpu: str = "100", memory: str = "3000G", pods: str = "10000",
                  accelerators: dict[str, str] | None = None, pod_cidr: str = "127.0.100.0/24", poll_s: float = 1.0,
-                 mlflow: bool = True, slurm_cpus: int = 16, slurm_memory_mb: int = 200000,
-                 sif: tuple[str, str] = ("hython", "sif")) -> None:
+                 mlflow: bool = True, slurm: SlurmCluster | None = None, slurm_cpus: int = 16,
+                 slurm_memory_mb: int = 200000, sif: tuple[str, str] = ("hython", "sif")) -> None:
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="hpcray-box-", dir="/var/tmp"))
         self.node, self.namespace, self.pod_cidr, self.poll_s = node, namespace, pod_cidr, poll_s
         self.node_resources = {"cpu": cpu, "memory": memory, "pods": pods, "accelerators": accelerators}
         self.with_mlflow, self.slurm_size, self.sif_name = mlflow, (slurm_cpus, slurm_memory_mb), sif
         self.prefix = f"hb{os.getpid() % 100000}{secrets.token_hex(2)}"
-        self.slurm: SlurmCluster | None = None
+        self.slurm: SlurmCluster | None = slurm
+        self._own_slurm = slurm is None  # a cluster given by the caller is the caller's to stop
         self.network: PodNetwork | None = None
         self.api: FakeKubeAPI | None = None
         self.vk: FakeVirtualKubelet | None = None
@@ -139,7 +140,8 @@ class SiteBox:
     def _start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        self.slurm = start_slurm(*self.slurm_size)
+        if self.slurm is None:
+            self.slurm = start_slurm(*self.slurm_size)
         gateway = ""
         if self.pod_cidr:
             self.network = PodNetwork(self.prefix, self.pod_cidr).start()
@@ -216,9 +218,9 @@ class SiteBox:
         if self.vk is not None:
             self.vk.stop()
             self.vk = None
-        if self.slurm is not None:
+        if self.slurm is not None and self._own_slurm:
             stop_slurm(self.slurm)
-            self.slurm = None
+        self.slurm = None
         if self.network is not None:
             self.network.stop()
             self.network = None
