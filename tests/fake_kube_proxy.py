@@ -148,6 +148,10 @@ def service_location(api: FakeKubeAPI, ns: str, ident: str) -> tuple[str, str, i
         mapped = next((t for matches, p, t in api.pod_ports if p == target and matches(pod)), None)
         if mapped is not None:
             return scheme, mapped[0], mapped[1]
+    if api.pod_network is None or not api.pod_network.contains(address["ip"]):
+        # a pod network this machine does not have: nothing listens there (and nothing is dialled off-machine)
+        raise ApiError(503, "ServiceUnavailable", f"error trying to reach service: dial tcp {address['ip']}:{target}: "
+                                                  f"connect: connection refused")
     return scheme, address["ip"], target
 
 
