@@ -3,7 +3,18 @@
 No kube-apiserver can run on this machine, so tests run against this: aiohttp in a background thread, holding
 objects in memory, answering at the network boundary the way a real server does (discovery, OpenAPI v3,
 protobuf Secrets from helm, selectors, patches, watches with bookmarks and 410 Gone, finalizers, garbage
-collection). `FakeKubeAPI.operator` plays KubeRay, the scheduler and the kubelet (tests/fake_kuberay_operator.py).
+collection), the pod subresources a kubelet answers and the service proxy. `FakeKubeAPI.operator` plays KubeRay,
+the kube-scheduler, the endpoints controller and the kubelet of the regular node `fake-node-1`; interLink virtual
+nodes register their virtual kubelet in `virtual_kubelets` (tests/fake_interlink.py, started by
+tests/fake_site_box.py).
+
+The pieces, by concern:
+- tests/fake_kube_objects.py — resources, the errors the server answers with, label and field selectors;
+- tests/fake_kube_patches.py — merge / JSON patch / server-side apply, protobuf request bodies;
+- tests/fake_kube_store.py — objects, resource versions, watchers, defaulting, validation, deletion and GC;
+- tests/fake_kube_proxy.py — port-forward (regular node), 501 (virtual node), pod logs, the service proxy;
+- tests/fake_kube_scheduler.py — nodes, the scheduler's filters and messages, Endpoints, cluster DNS;
+- tests/fake_kuberay_operator.py, tests/fake_kuberay_pods.py — KubeRay and the fake kubelet.
 
 Everything in `Store` runs on the server's event loop thread; the public methods of `FakeKubeAPI` may be called
 from any thread.
@@ -454,7 +465,7 @@ class FakeKubeAPI:
                                  dry_run)
             return web.json_response({"kind": f"{res.kind}List", "apiVersion": res.api_version,
                                       "metadata": {"resourceVersion": str(store.rv)}, "items": doomed})
-        raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+        raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     @staticmethod
     async def _body(request: web.Request) -> Any:

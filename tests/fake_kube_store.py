@@ -263,9 +263,9 @@ class Store:
         elif content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
             patched = merge_patch(live, body)
         else:
-            raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
-                                                        f"accepted media types include: application/json-patch+json, "
-                                                        f"application/merge-patch+json, application/apply-patch+yaml")
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                                                        "accepted media types include: application/json-patch+json, "
+                                                        "application/merge-patch+json, application/apply-patch+yaml")
         return self.replace(res, namespace, name, patched, subresource, dry_run)
 
     def delete(self, res: Resource, namespace: str | None, name: str, propagation: str | None = None,
