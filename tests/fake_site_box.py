@@ -194,7 +194,8 @@ class SiteBox:
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", host,
                 "--port", str(port), "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-                "--artifacts-destination", str(work / "artifacts"), "--workers", "1"]
+                "--artifacts-destination", str(work / "artifacts"), "--workers", "1",
+                "--allowed-hosts", f"{host}:{port},{host}"]  # the Host header its clients send
         with open(work / "server.log", "wb") as out:
             self._mlflow = subprocess.Popen(argv, env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
