@@ -167,7 +167,7 @@ class FakeKubeRayOperator:
             elif meta.get("deletionTimestamp") and not (change.old or {}).get("metadata", {}).get("deletionTimestamp"):
                 vk = self.api.virtual_kubelets.get(obj["spec"].get("nodeName", ""))
                 if vk is not None:
-                    vk.delete_pod(obj)  # the virtual kubelet ends the job, then removes the pod
+                    self._guard(lambda: vk.delete_pod(obj))  # the virtual kubelet ends the job, removes the pod
                 else:
                     self._plans[_key(obj)] = ("gone", time.monotonic() + self.terminating_delay)  # kubelet stops it
         elif change.res is SERVICES:
@@ -241,7 +241,7 @@ class FakeKubeRayOperator:
     # -- scheduler and kubelet -----------------------------------------------------------------------------------
     def _start_pod(self, pod: Obj) -> None:
         if (vk := self._virtual(pod)) is not None:
-            vk.create_pod(pod)  # created already bound to a virtual node
+            self._guard(lambda: vk.create_pod(pod))  # created already bound to a virtual node
             return
         self._stages[_key(pod)] = "pending"
         fate = next(((f, p) for sel, f, p in reversed(self._rules) if sel(pod)), None)
