@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test render up submit down run status pull sif docs bench bench-gpu clean help
+.PHONY: install demo test render up submit down run status pull sif docs wheel bench bench-gpu clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -67,11 +67,14 @@ docs: install  ## regenerate docs/profile.md (profile schema) and docs/RELIABILI
 	$(BIN)/hpcray profile --schema > docs/profile.md
 	$(BIN)/python tools/reliability_table.py
 
+wheel: install  ## build dist/hpcray-*.whl (profiles, template and examples inside) to pip/pipx install elsewhere
+	$(BIN)/pip wheel --no-deps -w dist .
+
 bench: install .tools/helm4/helm  ## hpcray vs the usual tools, side by side, into docs/BENCHMARKS.md (~30 min)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 bench-gpu: install  ## GPU proof: training bare vs via `hpcray submit --num-gpus 1` (NVIDIA GPU + torch)
 	$(BIN)/python bench/gpu_proof.py
 
-clean:  ## remove the venv and downloaded tools
-	rm -rf $(VENV) .tools
+clean:  ## remove the venv, downloaded tools and built wheels
+	rm -rf $(VENV) .tools build dist

@@ -208,7 +208,7 @@ def reading(results: list[Result]) -> list[str]:
                    f"{split}"
                    + (f"; the largest is {biggest.what.removeprefix('… of which ').split(' (')[0]}" if biggest else "")
                    + ". What would bring it under 60 s here: a quiet machine, or a lighter demo in "
-                   "values/profiles/local.yaml (fewer HPO trials or epochs); `python bench/bench_demo.py` times it "
+                   "hpcray/profiles/local.yaml (fewer HPO trials or epochs); `python bench/bench_demo.py` times it "
                    "alone.")
         lines.append(f"- **{name}** missed its goal ({r.goal}) in this run: {why}")
     follow = by_what.get("`submit -- sleep 1`, following to the end")

@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 def _complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    from hpcray.profile import PROFILES_DIR
+    from hpcray.profile import list_profiles
 
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.y*ml") if p.stem.startswith(incomplete))
+    return sorted({f.name for f in list_profiles() if f.name.startswith(incomplete)})
 
 
 profile_option = click.option(
     "--profile", "-p", "profile_ref", metavar="PROFILE", envvar="HPCRAY_PROFILE", default="local", show_default=True,
     shell_complete=_complete_profiles,
-    help="Profile name in values/profiles/ or path to a profile YAML ($HPCRAY_PROFILE).")
+    help="Profile name (`hpcray profile --list`) or path to a profile YAML ($HPCRAY_PROFILE).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
@@ -123,11 +123,15 @@ def render(profile_ref: str, output: str | None, manifest: bool, no_check: bool)
 @cli.command("profile")
 @profile_option
 @click.option("--schema", is_flag=True, help="Print every profile key as Markdown (docs/profile.md).")
+@click.option("--list", "list_all", is_flag=True, help="List the profiles found by name, where each comes from.")
 @json_option
-def profile_cmd(profile_ref: str, schema: bool, as_json: bool) -> None:
-    """Validate a profile and show it, or print the profile schema."""
+def profile_cmd(profile_ref: str, schema: bool, list_all: bool, as_json: bool) -> None:
+    """Validate a profile and show it, list the profiles, or print the profile schema."""
     from hpcray.profile import load_profile
 
+    if list_all:
+        _list_profiles(as_json)
+        return
     if schema:
         from hpcray.docs import profile_markdown
 
@@ -146,6 +150,39 @@ def profile_cmd(profile_ref: str, schema: bool, as_json: bool) -> None:
 
         click.echo(f"# {p.source}: valid")
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+
+
+def _list_profiles(as_json: bool) -> None:
+    """Each profile a name finds, in lookup order, marking those an earlier one of the same name shadows."""
+    from hpcray.profile import list_profiles, profile_dirs
+
+    dirs, found = profile_dirs(), list_profiles()
+    if as_json:
+        print_json({"dirs": [{"path": str(d.path), "from": d.origin} for d in dirs],
+                    "profiles": [{"name": f.name, "path": str(f.path), "from": f.origin,
+                                  "shadowed_by": str(f.shadowed_by) if f.shadowed_by else None} for f in found]})
+        return
+    width = max([4, *(len(f.name) for f in found)])
+    click.echo(f"{'NAME':<{width}}  {'FROM':<8}  PATH")
+    for f in found:
+        shadow = f"  (shadowed by {f.shadowed_by})" if f.shadowed_by else ""
+        click.echo(f"{f.name:<{width}}  {f.origin:<8}  {f.path}{shadow}")
+    click.echo("# looked up in this order: " + ", ".join(f"{d.path} ({d.origin})" for d in dirs))
+
+
+@cli.command("init")
+@click.argument("name")
+@click.option("--from", "source", default="local", show_default=True, metavar="PROFILE",
+              shell_complete=_complete_profiles, help="The profile to start from: vega, local, another name or a path.")
+def init_cmd(name: str, source: str) -> None:
+    """Write NAME.yaml, a commented copy of another profile, to edit into ~/.config/hpcray/profiles/
+    ($XDG_CONFIG_HOME/hpcray/profiles/); never overwrites. `--profile NAME` then finds it."""
+    from hpcray.profile import init_profile, profile_ref
+
+    made = init_profile(name, source)
+    for note in made.notes:
+        echo_err(f"note: {note}")
+    click.echo(f"wrote {made.path} (from {made.source}); edit it, then: hpcray render -p {profile_ref(made.path)}")
 
 
 @cli.command()
@@ -200,7 +237,7 @@ def pull(profile_ref: str, force: bool, slurm: bool, print_only: bool, timeout: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Jobs (hpcray.flows, hpcray.jobs): Ray's vocabulary — submit, logs, stop, list, job-status — against any Ray cluster
+# Jobs (hpcray.flows, hpcray.jobs): Ray's words — submit, logs, stop, list, job-status — against any Ray cluster
 # ---------------------------------------------------------------------------------------------------------------
 
 address_option = click.option(
@@ -435,9 +472,10 @@ def _print_cluster(status: ClusterStatus) -> None:
     where = f" namespace {status.namespace}" if status.namespace else ""
     release = f" release {status.release.status} rev {status.release.revision}" if status.release else ""
     state = "ready" if status.ready else "not ready" if status.exists else "absent"
+    gpus = sum(n.gpus for n in status.nodes)
     click.echo(f"{status.name}: {status.backend}{where}{release}; {state}; "
-               f"{ready_nodes}/{len(status.nodes)} {status.node_kind}s Ready; {sum(n.gpus for n in status.nodes)} GPUs; "
-               f"{_expiry(status.expires_at)}" + (f"; dashboard {status.address}" if status.address else "")
+               f"{ready_nodes}/{len(status.nodes)} {status.node_kind}s Ready; {gpus} GPUs; {_expiry(status.expires_at)}"
+               + (f"; dashboard {status.address}" if status.address else "")
                + (f"; MLflow {status.tracking_uri}" if status.tracking_uri else ""))
     for n in status.nodes:
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"

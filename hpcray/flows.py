@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 from hpcray import jobs
 from hpcray.backends import backend_for
 from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted
-from hpcray.profile import JobSpec, Profile
+from hpcray.profile import JobSpec, Profile, profile_ref
 from hpcray.secrets import Secret
 from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight
 from hpcray.waiting import parse_duration
@@ -121,7 +121,7 @@ def dashboard(p: Profile, *, port: int, progress: Say, on_ready: Callable[[str],
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Jobs: submit (spec → submission → preflight → access → submit → follow), and the Jobs API for logs, stop, list
+# Jobs: submit (spec → submission → preflight → access → submit → follow); the Jobs API for logs, stop, list
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -336,7 +336,7 @@ def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, warn: Say)
     submissions = [_submission(tracked, name, jobs.job_spec(p, name, []), plan, credentials, None, warn)
                    for name in job_names]
     then = "keep the cluster up (--keep)" if keep else \
-        f"tear the cluster down, whatever happens to the jobs (`hpcray down --profile {p.source}`)"
+        f"tear the cluster down, whatever happens to the jobs (`hpcray down --profile {profile_ref(p.source)}`)"
     return RunPlan(up_plan, submissions, then)
 
 
@@ -393,7 +393,8 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                     say(f"hpcray: could not stop job {current.submission_id}: {exc}")
             access.close()
             if keep:
-                say(f"--keep: cluster {p.name} stays up; remove it with `hpcray down --profile {p.source}`")
+                say(f"--keep: cluster {p.name} stays up; remove it with "
+                    f"`hpcray down --profile {profile_ref(p.source)}`")
             else:
                 backend.down(progress=say)
                 report.torn_down = True

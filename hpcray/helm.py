@@ -55,18 +55,19 @@ class Helm:
 
 
 def find_helm() -> Helm:
-    """$HPCRAY_HELM, else helm on PATH, else the one `make install` put beside this Python."""
+    """$HPCRAY_HELM, else helm on PATH, else one beside the running Python (where `make install` puts it)."""
     chosen = os.environ.get("HPCRAY_HELM")
     if chosen:  # asked for by name: never silently replaced by another helm
         if not os.access(chosen, os.X_OK) or os.path.isdir(chosen):
             raise ToolMissing(f"HPCRAY_HELM={chosen} is not an executable file; point it at helm 3 or 4, or unset it "
                               "to use the helm on PATH")
         return _probe(chosen)
-    candidates = [shutil.which("helm"), str(Path(sys.executable).parent / "helm")]
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
+    beside = Path(sys.executable).parent / "helm"
+    for c in (shutil.which("helm"), str(beside)):
+        if c and os.access(c, os.X_OK) and not os.path.isdir(c):
             return _probe(c)
-    raise ToolMissing("helm not found; install it with `make install` (or put helm 3/4 on PATH, or set HPCRAY_HELM)")
+    raise ToolMissing(f"helm not found on PATH nor at {beside}; install helm 3 or 4 there (`make install` does), "
+                      "or set HPCRAY_HELM to one")
 
 
 @lru_cache(maxsize=8)

@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcray import slurm
+from hpcray import shipped, slurm
 from hpcray.errors import ImageError, ProfileError, ToolMissing
-from hpcray.profile import REPO_ROOT, Profile
+from hpcray.profile import Profile
 
-PULL_TEMPLATE = REPO_ROOT / "containers" / "pull.sbatch.j2"
 # What spython (and singularity) can pull from.
 _SOURCE = re.compile(r"^(docker|oras|library|shub|https)://\S+$")
 
@@ -174,7 +173,7 @@ def render_pull_script(p: Profile, force: bool = False) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
                              lstrip_blocks=True, autoescape=False)
     env.filters["q"] = lambda v: shlex.quote(str(v))
-    template = env.from_string(PULL_TEMPLATE.read_text())
+    template = env.from_string(shipped.text("templates", "pull.sbatch.j2"))
     return template.render(final=str(final), source=source, log=str(log_pattern(final)), force=force, slurm=s,
                            job_name=f"hpcray-pull-{p.name}", profile=p.name, pre_exec=p.interlink.pre_exec)
 

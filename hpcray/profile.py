@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from hpcray import shipped
 from hpcray.errors import ProfileError
 from hpcray.waiting import parse_duration
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = REPO_ROOT / "values" / "profiles"
-DEFAULT_TEMPLATE = REPO_ROOT / "values" / "raycluster.yaml.j2"
 KUBERAY_REPO = "https://ray-project.github.io/kuberay-helm/"
 
 
@@ -68,28 +68,51 @@ class ImageSpec:
 
 @dataclass
 class VolumeSpec:
-    """A data volume mounted into every Ray container: a network share (hostPath) or a PVC."""
+    """A data directory mounted into every Ray container: a path on the node (hostPath) or a PVC."""
 
     name: str = opt(None, "Volume name (a DNS label).", "data")
     mount_path: str = opt(None, "Where the volume appears in the containers.", "/data")
-    host_path: str | None = opt(None, "A path on the node (e.g. a network share).", "/ceph/hpc/data")
-    pvc: str | None = opt(None, "A PersistentVolumeClaim name.", "training-data")
+    host_path: str | None = opt(None, "A directory on the node; with interLink, on the SLURM side (a network share).",
+                                "/ceph/hpc/data")
+    host_path_type: Literal["Directory", "DirectoryOrCreate"] = opt(
+        "Directory", "hostPath type: the directory must exist, or is created (interLink's SLURM plugin binds only "
+                     "these two types and fails the pod on any other).")
+    pvc: str | None = opt(None, "A PersistentVolumeClaim name; not with interLink, whose SLURM plugin ignores PVCs and "
+                                "then drops every bind of the container.", "training-data")
     read_only: bool = opt(False, "Mount read-only.")
+
+
+@dataclass
+class SingularitySpec:
+    """How interLink's SLURM plugin runs the container: `singularity exec <site defaults> <mounts> <options> …`."""
+
+    options: list[str] = opt(doc="singularity options (`slurm-job.vk.io/singularity-options`); with pod_vpn hpcray "
+                                 "adds `--env POD_IP=$POD_IP`.",
+                             example=["--no-home", "--compat", "--no-mount /exa5"], factory=list)
+    mounts: list[str] = opt(doc="Bind mounts `SRC[:DST[:ro]]`, each a `--bind` "
+                                "(`slurm-job.vk.io/singularity-mounts`).",
+                            example=["/ceph"], factory=list)
 
 
 @dataclass
 class HeadSpec:
     """The Ray head pod."""
 
-    cpu: str | None = opt(None, "CPU limit and request (Kubernetes quantity).", "8")
+    cpu: str | None = opt(None, "CPU limit and request (Kubernetes quantity); with interLink a whole number, which "
+                                "the SLURM plugin makes `--cpus-per-task`.", "8")
     memory: str | None = opt(None, "Memory limit and request (Kubernetes quantity).", "32G")
-    gpus: int = opt(0, "GPUs (nvidia.com/gpu limit, Ray num-gpus, SLURM --gres=gpu:N).", 1)
+    gpus: int = opt(0, "GPUs: Ray num-gpus, plus `--gres=gpu:N` with interLink (see interlink.gpu_mode) or the "
+                       "nvidia.com/gpu limit without.", 1)
     ray_start_params: dict[str, str] = opt(doc="Extra `ray start` parameters.", example={"num-cpus": "8"},
                                            factory=dict)
     env: dict[str, str] = opt(doc="Extra environment variables of the Ray container.",
                               example={"HYDRA_FULL_ERROR": "1"}, factory=dict)
     slurm_flags: list[str] = opt(doc="Extra sbatch flags for this pod only.", example=["--exclusive"],
                                  factory=list)
+    singularity: SingularitySpec = opt(doc="Singularity options and mounts for this pod only, after "
+                                           "interlink.singularity's.", factory=SingularitySpec)
+    pre_exec: str | None = opt(None, "Shell run before this pod's container, after interlink.vpn_bootstrap and "
+                                     "interlink.pre_exec.", "nvidia-smi")
 
 
 @dataclass
@@ -114,13 +137,17 @@ class SlurmSpec:
 
 
 @dataclass
-class SingularitySpec:
-    """How the SLURM plugin runs the container."""
+class TolerationSpec:
+    """A Kubernetes toleration, with the keys of a pod spec."""
 
-    options: list[str] = opt(doc="singularity options (`slurm-job.vk.io/singularity-options`).",
-                             example=["--no-home", "--nv"], factory=list)
-    mounts: list[str] = opt(doc="Bind mounts `SRC:DST[:ro]` (`slurm-job.vk.io/singularity-mounts`).",
-                            example=["/ceph/hpc/data/st2301-itwin-users:/data"], factory=list)
+    key: str | None = opt(None, "Taint key; empty with operator Exists tolerates every taint.",
+                          "node.kubernetes.io/unreachable")
+    operator: Literal["Equal", "Exists"] = opt("Equal", "Equal matches key and value; Exists matches the key.")
+    value: str | None = opt(None, "Taint value (with operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = opt(
+        None, "Taint effect to tolerate (empty: all).", "NoExecute")
+    tolerationSeconds: int | None = opt(None, "With effect NoExecute: seconds the pod stays bound once the taint "
+                                              "appears (empty: forever).", 300)
 
 
 @dataclass
@@ -128,24 +155,39 @@ class InterlinkSpec:
     """Offload of the Ray pods to a SLURM machine through interLink's virtual kubelet."""
 
     enabled: bool = opt(False, "Schedule the Ray pods on the interLink virtual node.")
-    node: str | None = opt(None, "Name of the virtual node.", "vega-new-vk")
+    node: str | None = opt(None, "Name of the virtual node.", "vega-virtual-node")
     node_selector_key: str = opt("kubernetes.io/hostname", "Label that selects the virtual node.")
-    tolerations: list[dict[str, str]] = opt(
+    tolerations: list[TolerationSpec] = opt(
         doc="Tolerations besides `virtual-node.interlink/no-schedule`, which is always added.",
-        example=[{"key": "site", "operator": "Equal", "value": "vega", "effect": "NoSchedule"}], factory=list)
+        example=[{"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+                  "tolerationSeconds": 300}], factory=list)
+    gpu_mode: Literal["gres", "resource"] = opt(
+        "gres", "How pods ask for GPUs: `gres` only `--gres=gpu:N` in the sbatch flags (a virtual node that "
+                "advertises no nvidia.com/gpu, the default, would leave a pod with a GPU limit Pending forever); "
+                "`resource` also the nvidia.com/gpu limit, for a virtual node that advertises GPUs.")
     slurm: SlurmSpec = opt(doc="sbatch flags.", factory=SlurmSpec)
-    singularity: SingularitySpec = opt(doc="Singularity options and mounts.", factory=SingularitySpec)
-    pre_exec: str | None = opt(None, "Shell run in the batch script before the container (`slurm-job.vk.io/pre-exec`).",
-                               "module load CUDA")
-    pod_vpn: bool = opt(True, "Give each pod a cluster IP over interLink's VPN (`interlink.eu/pod-vpn`); Ray nodes "
-                              "then advertise `$POD_IP`.")
+    singularity: SingularitySpec = opt(doc="Singularity options and mounts of every pod (a group's own come after).",
+                                       factory=SingularitySpec)
+    pre_exec: str | None = opt(None, "Shell run in every pod's batch script before the container "
+                                     "(`slurm-job.vk.io/pre-exec`), after vpn_bootstrap.", "module load CUDA")
+    pod_vpn: bool = opt(True, "Give each pod an address from the virtual node's PodCIDR (`interlink.eu/pod-vpn`): "
+                              "the plugin exports it as $POD_IP, hpcray passes it into the container and Ray "
+                              "advertises it (node-ip-address). Needs vpn_bootstrap to put it on an interface.")
+    vpn_bootstrap: str | None = opt(None, "With pod_vpn: the site's shell lines that bring $POD_IP up on the compute "
+                                          "node (e.g. the tutorial's slirp + WireGuard), first in the pre-exec.",
+                                    "${VEGA_VPN_BOOTSTRAP}")
+    mesh: bool = opt(False, "The virtual kubelet runs interLink's Network.FullMesh, which puts its own WireGuard "
+                            "bootstrap first in the pre-exec of pods without pod_vpn (set pod_vpn: false).")
+    nccl_interface: str | None = opt(None, "Network interface NCCL uses between pods (NCCL_SOCKET_IFNAME in every "
+                                           "container), e.g. the VPN's.", "br0")
 
 
 @dataclass
 class MlflowSpec:
     """Where jobs log, and where their credentials come from (never the credentials themselves)."""
 
-    tracking_uri: str | None = opt(None, "MLflow tracking server (or sqlite:/// store for local runs).",
+    tracking_uri: str | None = opt(None, "MLflow tracking server (or sqlite:/// store for local runs); no "
+                                         "`user:password@` in it, credentials come from mlflow.credentials.",
                                    "https://mlflow.intertwin.fedcloud.eu")
     experiment: str = opt("hpcray", "Experiment the jobs log to.", "hython-hpo")
     credentials: Literal["env", "file", "stdin", "none"] = opt(
@@ -284,23 +326,166 @@ def _yaml_loader() -> type:
     return Loader
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Finding profiles: a path, or a name looked up in $HPCRAY_PROFILE_PATH, ./, the user's dir, the shipped examples
+# ---------------------------------------------------------------------------------------------------------------
+
+_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class ProfileDir:
+    path: Path
+    origin: str  # "env path", "cwd", "user dir" or "shipped"
+
+
+@dataclass(frozen=True)
+class FoundProfile:
+    name: str
+    path: Path
+    origin: str
+    shadowed_by: Path | None  # the earlier profile of the same name that `-p NAME` picks instead
+
+
+def user_profile_dir() -> Path:
+    """$XDG_CONFIG_HOME/hpcray/profiles (default ~/.config/hpcray/profiles): the user's own profiles."""
+    config = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"  # XDG: ignore relative
+    return base / "hpcray" / "profiles"
+
+
+def profile_dirs() -> list[ProfileDir]:
+    """Where a profile name is looked up, first match wins; a directory named twice counts once."""
+    dirs = [ProfileDir(Path(d).expanduser(), "env path")
+            for d in os.environ.get("HPCRAY_PROFILE_PATH", "").split(os.pathsep) if d]
+    dirs += [ProfileDir(Path.cwd(), "cwd"), ProfileDir(user_profile_dir(), "user dir"),
+             ProfileDir(shipped.path("profiles"), "shipped")]
+    seen: set[Path] = set()
+    unique = []
+    for d in dirs:
+        key = d.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def list_profiles() -> list[FoundProfile]:
+    """Every profile reachable by name, in lookup order; one whose name an earlier one has is shadowed."""
+    found: list[FoundProfile] = []
+    first: dict[str, Path] = {}
+    for d in profile_dirs():
+        try:
+            files = sorted(f for f in d.path.iterdir() if f.suffix in _SUFFIXES and not f.name.startswith("."))
+        except OSError:  # a directory that does not exist (yet) holds no profiles
+            continue
+        for f in files:
+            if f.is_file():
+                found.append(FoundProfile(f.stem, f, d.origin, first.get(f.stem)))
+                first.setdefault(f.stem, f)
+    return found
+
+
+def is_path_ref(ref: str) -> bool:
+    """A profile reference with a '/' or a .yaml/.yml suffix is a file path; anything else is a name."""
+    return "/" in ref or os.sep in ref or Path(ref).suffix in _SUFFIXES
+
+
 def resolve_profile_path(ref: str | os.PathLike[str] | None) -> Path:
-    """A profile given as a path, or as a name in values/profiles/ (`local`, `vega`)."""
-    if ref is None:
-        ref = os.environ.get("HPCRAY_PROFILE") or "local"
-    path = Path(os.path.expanduser(str(ref)))
-    if path.suffix in (".yaml", ".yml") or os.sep in str(ref):
+    """A profile given as a path, or as a name found in profile_dirs() (`local`, `vega`, `hpcray init` ones)."""
+    text = str(ref if ref is not None else os.environ.get("HPCRAY_PROFILE") or "local")
+    if is_path_ref(text):
+        path = Path(os.path.expanduser(text))
         if not path.is_file():
-            raise ProfileError(str(ref), "", "no such profile file; pass a path to a YAML profile or a name from "
-                                             f"{PROFILES_DIR}")
+            raise ProfileError(text, "", "no such profile file; pass a path to a YAML profile or a profile name "
+                                         "(`hpcray profile --list`)")
         return path
-    for candidate in (PROFILES_DIR / f"{ref}.yaml", PROFILES_DIR / f"{ref}.yml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.y*ml"))
-    hint = difflib.get_close_matches(str(ref), known, n=1)
+    dirs = profile_dirs()
+    for d in dirs:
+        for suffix in _SUFFIXES:
+            if (d.path / f"{text}{suffix}").is_file():
+                return d.path / f"{text}{suffix}"
+    known = sorted({f.name for f in list_profiles()})
+    hint = difflib.get_close_matches(text, known, n=1)
     did = f"did you mean '{hint[0]}'? " if hint else ""
-    raise ProfileError(str(ref), "", f"no such profile; {did}known profiles: {', '.join(known) or 'none'}")
+    looked = ", ".join(f"{d.path} ({d.origin})" for d in dirs)
+    raise ProfileError(text, "", f"no such profile; {did}known profiles: {', '.join(known) or 'none'}; looked in "
+                                 f"{looked}; pass a path, or make one with `hpcray init {text}`")
+
+
+def profile_ref(source: Path) -> str:
+    """The shortest `--profile` value that picks this file: its name when the name lookup finds it, else its path."""
+    try:
+        if resolve_profile_path(source.stem).resolve() == source.resolve():
+            return source.stem
+    except ProfileError:
+        pass
+    return str(source)
+
+
+@dataclass(frozen=True)
+class MadeProfile:
+    path: Path
+    source: Path
+    notes: list[str]
+
+
+_NAME_LINE = re.compile(r"^name:[ \t]*[^#\n]*?(?P<comment>[ \t]+#[^\n]*)?$", re.M)
+
+
+def init_profile(name: str, source_ref: str) -> MadeProfile:
+    """Copy profile `source_ref` (comments kept, `name:` set to `name`) to NAME.yaml in the user's profile dir.
+    Refuses a bad name, an invalid source or an existing file before anything is written."""
+    import yaml
+
+    if not _DNS_LABEL.match(name) or len(name) > 40:
+        fix = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "mysite"
+        raise ProfileError(name, "", f"not a profile name: it must be a lowercase DNS label of at most 40 characters "
+                                     f"(a-z, 0-9, '-'), because it names the Helm release; e.g. {fix}")
+    dest = user_profile_dir() / f"{name}.yaml"
+    for existing in (dest, dest.with_suffix(".yml")):
+        if existing.exists():
+            raise ProfileError(str(existing), "", "already exists and is never overwritten; edit it, or remove it "
+                                                  f"and run `hpcray init {name}` again, or choose another name")
+    src = resolve_profile_path(source_ref)
+    p = load_profile(src)  # a copy of a broken profile would only fail later
+    original = src.read_text(encoding="utf-8")
+    text, count = _NAME_LINE.subn(lambda m: f"name: {name}{m.group('comment') or ''}", original, count=1)
+    if count != 1 or (yaml.safe_load(text) or {}).get("name") != name:
+        raise ProfileError(str(src), "name", f"cannot set the name in this file's layout; copy it to {dest} by hand "
+                                             "and set name there")
+    header = f"# Made by `hpcray init {name} --from {source_ref}` from {src}; every key: `hpcray profile --schema`\n"
+    notes = []
+    if src.parent.resolve() != dest.parent.resolve():
+        moved = [f"{key}: {value}" for key, value in _relative_paths(p)]
+        if moved:
+            notes.append(f"{dest} keeps relative paths that now start from {dest.parent} ({'; '.join(moved)}); "
+                         "make them absolute there")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(dest, "x", encoding="utf-8") as fh:  # "x": a file made meanwhile is not overwritten either
+            fh.write(header + text)
+    except FileExistsError:
+        raise ProfileError(str(dest), "", "already exists and is never overwritten; edit it, or choose another "
+                                          "name") from None
+    return MadeProfile(dest, src, notes)
+
+
+def _relative_paths(p: Profile) -> list[tuple[str, str]]:
+    """The profile's paths that are relative to its file (see Profile.resolve_path)."""
+    paths = [("template", p.template), ("chart.path", p.chart.path),
+             ("kubernetes.kubeconfig", p.kubernetes.kubeconfig), ("mlflow.credentials_file", p.mlflow.credentials_file)]
+    for job_name, job in p.jobs.items():
+        key = f"jobs.{job_name}"
+        paths += [(f"{key}.working_dir", job.working_dir), (f"{key}.requirements", job.requirements)]
+        paths += [(f"{key}.wheels", w) for w in job.wheels]
+    return [(key, value) for key, value in paths
+            if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))]
+
+
+def builtin_variables() -> dict[str, str]:
+    """`${NAME}` references every profile may use besides the environment's."""
+    return {"HPCRAY_EXAMPLES": str(shipped.path("examples"))}
 
 
 def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Profile:
@@ -310,9 +495,15 @@ def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None 
     path = resolve_profile_path(ref)
     shown = str(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ProfileError(shown, "", f"cannot read: {exc.strerror}") from None
+        raise ProfileError(shown, "", f"cannot read it: {exc.strerror}; check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ProfileError(f"{shown}:{line}", "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); a profile is a "
+                                                  "YAML file: save it as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -322,7 +513,7 @@ def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None 
         raise ProfileError(where, "", f"malformed YAML: {problem}; fix the syntax there") from None
     if not isinstance(data, dict):
         raise ProfileError(shown, "", "a profile is a YAML mapping of keys (name, backend, head, …)")
-    converter = _Converter(shown, os.environ if env is None else env)
+    converter = _Converter(shown, {**(os.environ if env is None else env), **builtin_variables()})
     profile = converter.build(Profile, data, "")
     profile.source = path.resolve()
     profile.key_lines = converter.lines
@@ -335,6 +526,7 @@ def load_profile(ref: str | os.PathLike[str] | None, env: dict[str, str] | None 
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@\s:]*):([^/?#@\s]*)@")
 
 
 class _Converter:
@@ -426,7 +618,16 @@ class _Converter:
                 return default
             self.fail(path, f"${{{name}}} is not set; export {name}=… or write the value (or ${{{name}:-default}})")
 
-        return _ENV_REF.sub(sub, text)
+        expanded = _ENV_REF.sub(sub, text)
+        for m in _URL_PASSWORD.finditer(expanded):
+            if m.group(3) and not m.group(3).startswith("$"):  # a `$VAR` is left to the shell that runs it
+                shown = f"{m.group(1)}{m.group(2)}:***@…"
+                fix = ("give the username and password through mlflow.credentials (e.g. export "
+                       "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)" if path == "mlflow.tracking_uri" else
+                       "keep credentials out of the profile (MLflow's go through mlflow.credentials)")
+                self.fail(path, f"the URL '{shown}' carries a password, which would land in the rendered values "
+                                f"and job specs; remove 'user:password@' from it and {fix}")
+        return expanded
 
     def expand_all(self, value: Any, path: str) -> Any:
         if isinstance(value, str):
@@ -479,6 +680,35 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SLURM_RESOURCE_FLAGS = ("--cpus-per-task", "-c", "--mem", "--mem-per-cpu", "--mem-per-gpu")
 
 
+_QUANTITY_SCALE = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+                   "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(text: str) -> Decimal:
+    """The value of a Kubernetes quantity ('500m' → 0.5, '2Gi' → 2147483648); ValueError if it is none."""
+    m = _QUANTITY.match(text)
+    if not m:
+        raise ValueError(text)
+    return Decimal(m.group(1)) * _QUANTITY_SCALE[m.group(3) or ""]
+
+
+def whole_cpus_problem(cpu: str) -> str | None:
+    """Why interLink's SLURM plugin would not give a pod exactly this CPU limit, or None when it would.
+
+    The plugin writes `--cpus-per-task=ceil(limit)` (the largest over the pod's containers), so a fraction is
+    rounded up and anything below one CPU becomes a whole CPU the profile did not ask for.
+    """
+    value = quantity(cpu)
+    if value == value.to_integral_value() and value >= 1:
+        return None
+    up = math.ceil(value)
+    if value < 1:
+        return (f"{cpu!r} is less than one CPU; interLink's SLURM plugin gives a job whole CPUs "
+                f"(--cpus-per-task={max(up, 1)}): write 1 or more")
+    return (f"{cpu!r} is not a whole number of CPUs; interLink's SLURM plugin rounds it up to "
+            f"--cpus-per-task={up}: write {up} (or {up - 1})")
+
+
 def check_profile(p: Profile) -> None:
     def fail(key: str, problem: str) -> typing.NoReturn:
         line = p.key_lines.get(key) or p.key_lines.get(key.split("[")[0])
@@ -512,6 +742,9 @@ def check_profile(p: Profile) -> None:
             if value is not None and not _QUANTITY.match(value):
                 fail(f"{key}.{res}", f"{value!r} is not a Kubernetes quantity; write e.g. "
                                      f"{'8 or 500m' if res == 'cpu' else '32G or 16Gi'}")
+            if value is not None and quantity(value) == 0:
+                fail(f"{key}.{res}", f"{value!r} gives the pod no {'CPU' if res == 'cpu' else 'memory'} to run Ray "
+                                     f"on; write e.g. {'1 or 500m' if res == 'cpu' else '4G'}")
         if isinstance(g, WorkerGroupSpec):
             if g.replicas < 0:
                 fail(f"{key}.replicas", f"{g.replicas} is negative; use 0 to keep the group empty")
@@ -539,6 +772,17 @@ def check_profile(p: Profile) -> None:
                                         "username= and password= lines")
     if p.template and not p.resolve_path(p.template).is_file():
         fail("template", f"{p.resolve_path(p.template)} does not exist; remove the key to use the default template")
+    for i, t in enumerate(p.interlink.tolerations):
+        key = f"interlink.tolerations[{i}]"
+        if t.operator == "Exists" and t.value:
+            fail(f"{key}.value", "must be empty with operator Exists (Kubernetes rejects it); remove it or use "
+                                 "operator: Equal")
+        if t.operator == "Equal" and not t.key:
+            fail(f"{key}.key", "required with operator Equal; give the taint's key, or operator: Exists to tolerate "
+                               "every taint")
+        if t.tolerationSeconds is not None and t.effect != "NoExecute":
+            fail(f"{key}.tolerationSeconds", "only applies to effect NoExecute (Kubernetes rejects it otherwise); "
+                                             "add effect: NoExecute or remove it")
     if p.backend == "kuberay":
         _check_kuberay(p, groups, fail)
 
@@ -563,9 +807,24 @@ def _check_kuberay(p: Profile, groups: list[tuple[str, HeadSpec]], fail: Any) ->
                                      f"job {'1 CPU' if res == 'cpu' else '1 MB of memory'}")
         for flag in g.slurm_flags:
             _check_slurm_flag(flag, f"{key}.slurm_flags", g.gpus, fail)
+        problem = g.cpu and whole_cpus_problem(g.cpu)  # g.cpu is set: checked above
+        if problem:
+            fail(f"{key}.cpu", problem)
     for flag in p.interlink.slurm.extra_flags:
         gpus = max(g.gpus for _, g in groups)
         _check_slurm_flag(flag, "interlink.slurm.extra_flags", gpus, fail)
+    for i, v in enumerate(p.volumes):
+        if v.pvc is not None:
+            fail(f"volumes[{i}].pvc", "interLink's SLURM plugin ignores PVCs and then drops every bind of the "
+                                      "container (/tmp/ray included); mount the data with host_path, a directory on "
+                                      "the SLURM side")
+    il = p.interlink
+    if il.mesh and il.pod_vpn:
+        fail("interlink.mesh", "the virtual kubelet builds its mesh only for pods without interlink.eu/pod-vpn; "
+                               "add interlink.pod_vpn: false")
+    if il.vpn_bootstrap and not il.pod_vpn:
+        fail("interlink.vpn_bootstrap", "brings $POD_IP up, which only pods with interlink.pod_vpn get; remove it "
+                                        "or set interlink.pod_vpn: true")
 
 
 def _check_slurm_flag(flag: str, key: str, gpus: int, fail: Any) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpcray.errors import TemplateError, ValuesError
-from hpcray.profile import DEFAULT_TEMPLATE, HeadSpec, Profile, WorkerGroupSpec
+from hpcray import shipped
+from hpcray.profile import HeadSpec, Profile, TolerationSpec, WorkerGroupSpec, whole_cpus_problem
 from hpcray.state import QUIET_ENV
 
 VIRTUAL_NODE_TOLERATION = {"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"}
 PROFILE_LABEL = "hpcray.io/profile"
+HOST_PATH_TYPES = ("Directory", "DirectoryOrCreate")  # the only hostPath types interLink's SLURM plugin binds
 
 
 @dataclass
@@ -29,6 +32,8 @@ def image_of(p: Profile) -> Image:
 
 
 def slurm_flags(p: Profile, g: HeadSpec) -> str:
+    """sbatch flags of one pod. GPUs are `--gres` in either gpu_mode: interLink's SLURM plugin makes no sbatch flag
+    of an nvidia.com/gpu limit (the limit only picks a site's GPU flavor)."""
     s = p.interlink.slurm
     flags = []
     if s.partition:
@@ -42,6 +47,23 @@ def slurm_flags(p: Profile, g: HeadSpec) -> str:
     if s.qos:
         flags.append(f"--qos={s.qos}")
     return " ".join(flags + list(s.extra_flags) + list(g.slurm_flags))
+
+
+def singularity_options(p: Profile, g: HeadSpec) -> list[str]:
+    """The pod's singularity options: global, then the group's; with pod-vpn first `--env POD_IP=$POD_IP`.
+
+    The plugin exports POD_IP in the batch script, but its default `--containall` starts the container with a clean
+    environment, so `ray start --node-ip-address=$POD_IP` sees it only when passed in explicitly.
+    """
+    options = [*p.interlink.singularity.options, *g.singularity.options]
+    if p.interlink.pod_vpn and not any("POD_IP=" in o for o in options):
+        options.insert(0, "--env POD_IP=$POD_IP")
+    return options
+
+
+def toleration(t: TolerationSpec) -> dict[str, Any]:
+    """A toleration in the pod spec's words, without the keys the profile leaves empty."""
+    return {k: v for k, v in dataclasses.asdict(t).items() if v is not None}
 
 
 def mlflow_env(p: Profile) -> list[dict[str, Any]]:
@@ -62,12 +84,13 @@ def mlflow_env(p: Profile) -> list[dict[str, Any]]:
 
 def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") -> dict[str, Any]:
     """Everything the template needs for one pod group, in the chart's vocabulary."""
+    il = p.interlink
     params: dict[str, str] = {}
     if role == "head":
         params["dashboard-host"] = "0.0.0.0"
     if g.gpus:
         params["num-gpus"] = str(g.gpus)
-    if p.interlink.enabled and p.interlink.pod_vpn:
+    if il.enabled and il.pod_vpn:
         params["node-ip-address"] = "$POD_IP"
     params.update({k: str(v) for k, v in g.ray_start_params.items()})
 
@@ -77,34 +100,40 @@ def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") ->
     if g.memory is not None:
         limits["memory"] = g.memory
     requests = dict(limits)
-    if g.gpus:
+    if g.gpus and (not il.enabled or il.gpu_mode == "resource"):
         limits["nvidia.com/gpu"] = g.gpus
 
     annotations: dict[str, str] = {}
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
-    il = p.interlink
+    env = mlflow_env(p)
     if il.enabled:
         annotations["slurm-job.vk.io/flags"] = slurm_flags(p, g)
-        if il.singularity.options:
-            annotations["slurm-job.vk.io/singularity-options"] = " ".join(il.singularity.options)
-        if il.singularity.mounts:
-            annotations["slurm-job.vk.io/singularity-mounts"] = " ".join(f"--bind {m}" for m in il.singularity.mounts)
-        if il.pre_exec:
-            annotations["slurm-job.vk.io/pre-exec"] = il.pre_exec
+        options = singularity_options(p, g)
+        if options:
+            annotations["slurm-job.vk.io/singularity-options"] = " ".join(options)
+        binds = [*il.singularity.mounts, *g.singularity.mounts]
+        if binds:
+            annotations["slurm-job.vk.io/singularity-mounts"] = " ".join(f"--bind {m}" for m in binds)
+        pre_exec = "\n".join(part for part in (il.vpn_bootstrap, il.pre_exec, g.pre_exec) if part)
+        if pre_exec:
+            annotations["slurm-job.vk.io/pre-exec"] = pre_exec
         if il.pod_vpn:
             annotations["interlink.eu/pod-vpn"] = "true"
+        if il.nccl_interface and "NCCL_SOCKET_IFNAME" not in g.env:
+            env.append({"name": "NCCL_SOCKET_IFNAME", "value": il.nccl_interface})
         node_selector[il.node_selector_key] = il.node or ""
-        tolerations = [VIRTUAL_NODE_TOLERATION] + list(il.tolerations)
+        tolerations = [VIRTUAL_NODE_TOLERATION] + [toleration(t) for t in il.tolerations]
 
     volumes: list[dict[str, Any]] = [{"name": "log-volume", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "log-volume", "mountPath": "/tmp/ray"}]
     for v in p.volumes:
-        source = {"hostPath": {"path": v.host_path}} if v.host_path else {"persistentVolumeClaim": {"claimName": v.pvc}}
+        source = ({"hostPath": {"path": v.host_path, "type": v.host_path_type}} if v.host_path else
+                  {"persistentVolumeClaim": {"claimName": v.pvc}})
         volumes.append({"name": v.name, **source})
         mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only})
 
-    env = mlflow_env(p) + [{"name": k, "value": v} for k, v in g.env.items()]
+    env += [{"name": k, "value": v} for k, v in g.env.items()]
     values: dict[str, Any] = {
         "ray_start_params": params,
         "env": env,
@@ -123,11 +152,22 @@ def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") ->
     return values
 
 
+def network_warnings(p: Profile) -> list[str]:
+    """Settings that render fine but leave Ray nodes without a network on the SLURM side."""
+    il = p.interlink
+    if il.enabled and il.pod_vpn and not il.vpn_bootstrap:
+        return ["interlink.pod_vpn is on but nothing brings $POD_IP up on the compute node: the Ray head would "
+                "advertise an address no interface has and workers would wait for it until the walltime ends; set "
+                "interlink.vpn_bootstrap to the site's VPN pre-exec, or, where the virtual kubelet runs interLink's "
+                "Network.FullMesh, set interlink.mesh: true and interlink.pod_vpn: false"]
+    return []
+
+
 def render_values_text(p: Profile, annotations: dict[str, str] | None = None) -> str:
     """The rendered template, before YAML parsing; raises TemplateError naming the template and line."""
     import jinja2
 
-    path = p.resolve_path(p.template) if p.template else DEFAULT_TEMPLATE
+    path = p.resolve_path(p.template) if p.template else shipped.path("templates", "raycluster.yaml.j2")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(path.parent)),
         undefined=jinja2.StrictUndefined,
@@ -227,7 +267,8 @@ def _prune_nulls(obj: Any) -> Any:
 
 
 def check_interlink_pods(raycluster: dict[str, Any]) -> None:
-    """Pods bound for the virtual node need CPU and memory limits and an absolute SIF path (also for `values:`)."""
+    """What interLink's SLURM plugin needs of a pod bound for the virtual node, also after `values:` overrides:
+    whole-CPU and memory limits, an absolute SIF path, and volumes it can bind."""
     spec = raycluster.get("spec", {})
     groups = [("head", spec.get("headGroupSpec", {}))] + [
         (f"worker group {g.get('groupName')}", g) for g in spec.get("workerGroupSpecs") or []]
@@ -242,8 +283,23 @@ def check_interlink_pods(raycluster: dict[str, Any]) -> None:
                 if res not in limits:
                     raise ValuesError(f"{label}: container {c.get('name')} has no {res} limit; interLink's SLURM "
                                       f"plugin would give it {'1 CPU' if res == 'cpu' else '1 MB'} — set it")
+            try:
+                problem = whole_cpus_problem(str(limits["cpu"]))
+            except ValueError:
+                problem = f"{limits['cpu']!r} is not a Kubernetes quantity; write e.g. 8"
+            if problem:
+                raise ValuesError(f"{label}: container {c.get('name')} cpu limit {problem}")
             if not str(c.get("image", "")).startswith("/"):
                 raise ValuesError(f"{label}: image {c.get('image')!r} is not an absolute SIF path; set image.dir")
+        for v in pod.get("volumes") or []:
+            if "persistentVolumeClaim" in v:
+                raise ValuesError(f"{label}: volume {v.get('name')} is a PVC, which interLink's SLURM plugin ignores "
+                                  "while dropping every bind of the container (/tmp/ray included); use a hostPath "
+                                  "on the SLURM side")
+            if "hostPath" in v and v["hostPath"].get("type") not in HOST_PATH_TYPES:
+                raise ValuesError(f"{label}: volume {v.get('name')} is a hostPath of type "
+                                  f"{v['hostPath'].get('type')!r}; interLink's SLURM plugin fails the pod unless the "
+                                  f"type is {' or '.join(HOST_PATH_TYPES)}")
 
 
 @dataclass
@@ -263,6 +319,8 @@ def check_release(p: Profile, values_yaml: str, *, required: bool, warn: Any) ->
 
     from hpcray import targets
 
+    for warning in network_warnings(p):
+        warn(f"hpcray: warning: {warning}")
     chart = targets.chart(p)
     try:
         h = helm.find_helm()

@@ -1,14 +1,20 @@
-"""A fake KubeRay operator — with the scheduler and kubelet parts a test needs — living inside FakeKubeAPI.
+"""A fake KubeRay operator, with the kube-scheduler, the endpoints controller and the kubelet of regular nodes,
+living inside FakeKubeAPI.
 
-Like KubeRay 1.2.2: a RayCluster gets a head pod `<name>-head-xxxxx`, `replicas` worker pods per worker group
-`<name>-<group>-worker-xxxxx` (pod template copied, `ray.io/*` labels, owned by the RayCluster) and a head Service
-`<name>-head-svc`; replicas are reconciled on update; `.status.state` becomes "ready" once every pod is ready and is
-never cleared. Pods go away through the API server's garbage collection when their RayCluster does.
+KubeRay 1.2.2: a RayCluster gets a head pod `<name>-head-xxxxx`, `replicas` worker pods per worker group
+`<name>-<group>-worker-xxxxx` and a head Service `<name>-head-svc`, built as KubeRay builds them
+(tests/fake_kuberay_pods.py: command, env, `wait-gcs-ready` init container, ports); replicas are reconciled on
+update; `.status.state` becomes "ready" once every pod is ready and is never cleared. Pods go away through the API
+server's garbage collection when their RayCluster does.
 
-Pods start Pending. `mode = "auto"` moves each through scheduled → Running → Ready, `delay` seconds per step;
-`mode = "manual"` leaves them until the test says. Rules (`keep_pending`, `fail_image_pull`, `crash`, `make_ready`)
-select pods by namespace/cluster/group/pod and apply to matching pods now and to those created later; the latest
-matching rule wins. Control methods may be called from any thread.
+Every pod without a node is scheduled like kube-scheduler does (tests/fake_kube_scheduler.py: taints,
+nodeSelector/affinity, requests vs allocatable); one that fits nowhere stays Pending with the scheduler's
+FailedScheduling message. A pod bound to an interLink virtual node is handed to that node's virtual kubelet
+(tests/fake_interlink.py); on a regular node this fake kubelet moves it scheduled → Running → Ready, `delay`
+seconds per step (`mode = "auto"`), or leaves it until the test says (`mode = "manual"`). Rules (`keep_pending`,
+`fail_image_pull`, `crash`, `make_ready`) select pods by namespace/cluster/group/pod, apply to matching pods now
+and to those created later, and override the scheduler; the latest matching rule wins. Control methods may be
+called from any thread.
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tests.fake_kube_api import EVENTS, NODES, PODS, SERVICES, ApiError, Change, Obj, now_iso
+from tests.fake_kube_objects import ENDPOINTS, EVENTS, NODES, PODS, SERVICES, ApiError, Obj, now_iso
+from tests.fake_kube_scheduler import endpoints_for, kubelet_node, schedule
+from tests.fake_kube_store import Change
+from tests.fake_kuberay_pods import build_pod, head_service, head_service_name
 
 if TYPE_CHECKING:
     from tests.fake_kube_api import FakeKubeAPI, Resource
 
 TICK_S = 0.05
 NODE = "fake-node-1"
-HEAD_PORTS = {"client": 10001, "dashboard": 8265, "gcs-server": 6379, "metrics": 8080}
-AUTO_STEPS = {"pending": "scheduled", "scheduled": "running", "running": "ready"}
+AUTO_STEPS = {"pending": "scheduled", "scheduled": "running", "running": "ready", "unfit": "scheduled"}
+RESCHEDULE_S = 1.0  # how often a pod that fits nowhere is tried again
 
 
 @dataclass(frozen=True)
@@ -64,10 +73,9 @@ class FakeKubeRayOperator:
         self._dirty: set[tuple[str, str]] = set()  # RayClusters to reconcile
         self._task: asyncio.Task[None] | None = None
         self.store.listeners.append(self._on_change)
-        if self.store.find(NODES, None, NODE) is None:  # where the fake scheduler puts every pod
-            self.store.create(NODES, {"metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
-                                      "status": {"conditions": [_condition("Ready", True, "KubeletReady")],
-                                                 "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
+        self._endpoints_dirty: set[str] = set()  # namespaces whose Endpoints to recompute
+        if self.store.find(NODES, None, NODE) is None:  # the regular node, with a kubelet played by this fake
+            self.store.create(NODES, kubelet_node(NODE))
 
     # -- test controls (any thread) ------------------------------------------------------------------------------
     def keep_pending(self, *, namespace: str | None = "default", cluster: str | None = None,
@@ -110,7 +118,7 @@ class FakeKubeRayOperator:
         def run() -> None:
             self._rules.append((selector, fate, params))
             for pod in self.store.list(PODS, selector.namespace):
-                if selector(pod) and self._is_ours(pod) and not pod["metadata"].get("deletionTimestamp"):
+                if selector(pod) and self._virtual(pod) is None and not pod["metadata"].get("deletionTimestamp"):
                     self._enter(pod, fate, params)
         self.api.call(run)
 
@@ -148,13 +156,24 @@ class FakeKubeRayOperator:
             if change.new is not None and old_gen != meta.get("generation"):
                 self._dirty.add((meta["namespace"], meta["name"]))
         elif change.res is PODS:
+            self._endpoints_dirty.add(meta["namespace"])
             if self._is_ours(obj):
                 self._dirty.add((meta["namespace"], meta["labels"]["ray.io/cluster"]))
-            if change.new is None:
+            if change.old is None and change.new is not None:
+                self._start_pod(change.new)
+            elif change.new is None:
                 self._stages.pop(_key(obj), None)
                 self._plans.pop(_key(obj), None)
             elif meta.get("deletionTimestamp") and not (change.old or {}).get("metadata", {}).get("deletionTimestamp"):
-                self._plans[_key(obj)] = ("gone", time.monotonic() + self.terminating_delay)  # kubelet stops it
+                vk = self.api.virtual_kubelets.get(obj["spec"].get("nodeName", ""))
+                if vk is not None:
+                    self._guard(lambda: vk.delete_pod(obj))  # the virtual kubelet ends the job, removes the pod
+                else:
+                    self._plans[_key(obj)] = ("gone", time.monotonic() + self.terminating_delay)  # kubelet stops it
+        elif change.res is SERVICES:
+            self._endpoints_dirty.add(meta["namespace"])
+            if change.new is None and self.store.find(ENDPOINTS, meta["namespace"], meta["name"]) is not None:
+                self.store.delete(ENDPOINTS, meta["namespace"], meta["name"])
 
     # -- reconciling RayClusters ---------------------------------------------------------------------------------
     def _rc_resource(self) -> Resource | None:
@@ -177,48 +196,19 @@ class FakeKubeRayOperator:
         groups: dict[str, tuple[Obj, int, str]] = {"headgroup": (spec.get("headGroupSpec", {}), 1, "head")}
         for wg in spec.get("workerGroupSpecs") or []:
             groups[wg["groupName"]] = (wg, wg.get("replicas", 0) * wg.get("numOfHosts", 1), "worker")
-        if self.store.find(SERVICES, ns, f"{name}-head-svc") is None:
-            self.store.create(SERVICES, self._head_service(rc))
+        if self.store.find(SERVICES, ns, head_service_name(name)) is None:
+            self.store.create(SERVICES, head_service(rc))
         live = [p for p in self.store.list(PODS, ns, f"ray.io/cluster={name}")
                 if not p["metadata"].get("deletionTimestamp")]
         for group, (group_spec, want, node_type) in groups.items():
             have = [p for p in live if p["metadata"]["labels"].get("ray.io/group") == group]
             for _ in range(want - len(have)):
-                self._start_pod(self.store.create(PODS, self._pod(rc, group, group_spec, node_type)))
+                self.store.create(PODS, build_pod(rc, node_type, group_spec))
             for extra in have[want:]:
                 self.store.delete(PODS, ns, extra["metadata"]["name"])
         for orphan in (p for p in live if p["metadata"]["labels"].get("ray.io/group") not in groups):
             self.store.delete(PODS, ns, orphan["metadata"]["name"])
         self._update_status(rc_res, rc)
-
-    @staticmethod
-    def _owner(rc: Obj) -> Obj:
-        return {"apiVersion": rc["apiVersion"], "kind": "RayCluster", "name": rc["metadata"]["name"],
-                "uid": rc["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
-
-    def _pod(self, rc: Obj, group: str, group_spec: Obj, node_type: str) -> Obj:
-        name = rc["metadata"]["name"]
-        template = copy.deepcopy(group_spec.get("template") or {})
-        tmeta = template.get("metadata") or {}
-        labels = {**(tmeta.get("labels") or {}), "ray.io/cluster": name, "ray.io/node-type": node_type,
-                  "ray.io/group": group, "ray.io/identifier": f"{name}-{node_type}", "ray.io/is-ray-node": "yes",
-                  "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
-        prefix = f"{name}-head-" if node_type == "head" else f"{name}-{group}-worker-"
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"generateName": prefix, "namespace": rc["metadata"]["namespace"], "labels": labels,
-                             "annotations": tmeta.get("annotations") or {}, "ownerReferences": [self._owner(rc)]},
-                "spec": template.get("spec") or {"containers": []}}
-
-    def _head_service(self, rc: Obj) -> Obj:
-        name = rc["metadata"]["name"]
-        return {"apiVersion": "v1", "kind": "Service", "metadata": {
-            "name": f"{name}-head-svc", "namespace": rc["metadata"]["namespace"], "ownerReferences": [self._owner(rc)],
-            "labels": {"ray.io/cluster": name, "ray.io/node-type": "head", "ray.io/identifier": f"{name}-head",
-                       "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}},
-            "spec": {"type": rc.get("spec", {}).get("headGroupSpec", {}).get("serviceType", "ClusterIP"),
-                     "selector": {"ray.io/cluster": name, "ray.io/node-type": "head"},
-                     "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"}
-                               for n, p in HEAD_PORTS.items()]}}
 
     def _update_status(self, rc_res: Resource, rc: Obj) -> None:
         """KubeRay 1.2.2's status: counts, endpoints, head addresses; state "ready" once, never cleared."""
@@ -229,17 +219,17 @@ class FakeKubeRayOperator:
         head = next((p for p in pods if p["metadata"]["labels"].get("ray.io/node-type") == "head"), None)
         groups = spec.get("workerGroupSpecs") or []
         desired = sum(g.get("replicas", 0) * g.get("numOfHosts", 1) for g in groups)
-        svc = self.store.find(SERVICES, ns, f"{name}-head-svc")
+        svc = self.store.find(SERVICES, ns, head_service_name(name))
         old = rc.get("status") or {}
         status = {**old, "desiredWorkerReplicas": desired,
                   "minWorkerReplicas": sum(g.get("minReplicas", 0) * g.get("numOfHosts", 1) for g in groups),
                   "maxWorkerReplicas": sum(g.get("maxReplicas", 0) * g.get("numOfHosts", 1) for g in groups),
                   "availableWorkerReplicas": sum(p["status"].get("phase") == "Running" for p in workers),
                   "readyWorkerReplicas": sum(_is_ready(p) for p in workers),
-                  "endpoints": {k: str(v) for k, v in HEAD_PORTS.items()},
+                  "endpoints": {p["name"]: str(p["port"]) for p in (svc or {}).get("spec", {}).get("ports") or []},
                   "head": {"podName": head["metadata"]["name"] if head else "",
                            "podIP": (head or {}).get("status", {}).get("podIP", ""),
-                           "serviceName": f"{name}-head-svc", "serviceIP": (svc or {}).get("spec", {}).get("clusterIP", "")},
+                           "serviceName": head_service_name(name), "serviceIP": (svc or {}).get("spec", {}).get("clusterIP", "")},
                   "observedGeneration": rc["metadata"].get("generation", 1)}
         if head and len(workers) == desired and all(_is_ready(p) for p in pods):
             status["state"] = "ready"
@@ -250,17 +240,23 @@ class FakeKubeRayOperator:
 
     # -- scheduler and kubelet -----------------------------------------------------------------------------------
     def _start_pod(self, pod: Obj) -> None:
+        if (vk := self._virtual(pod)) is not None:
+            self._guard(lambda: vk.create_pod(pod))  # created already bound to a virtual node
+            return
         self._stages[_key(pod)] = "pending"
         fate = next(((f, p) for sel, f, p in reversed(self._rules) if sel(pod)), None)
         if fate:
             self._enter(pod, *fate)
+
+    def _virtual(self, pod: Obj) -> Any:
+        return self.api.virtual_kubelets.get(pod.get("spec", {}).get("nodeName") or "")
 
     def _tick(self) -> None:
         now = time.monotonic()
         if self.mode == "auto":
             for key, stage in list(self._stages.items()):
                 if stage in AUTO_STEPS and key not in self._plans:
-                    self._plans[key] = (AUTO_STEPS[stage], now + self.delay)
+                    self._plans[key] = (AUTO_STEPS[stage], now + (RESCHEDULE_S if stage == "unfit" else self.delay))
         for key, (stage, due) in list(self._plans.items()):
             if due > now or self._plans.get(key) != (stage, due):
                 continue
@@ -270,6 +266,35 @@ class FakeKubeRayOperator:
                 self.store.delete(PODS, key[0], key[1], grace_seconds=0)
             elif pod is not None and not pod["metadata"].get("deletionTimestamp"):
                 self._enter(pod, stage, {})
+        for namespace in list(self._endpoints_dirty):
+            self._endpoints_dirty.discard(namespace)
+            self._write_endpoints(namespace)
+
+    def _write_endpoints(self, namespace: str) -> None:
+        """The endpoints controller: one Endpoints object per Service with a selector, from its pods."""
+        pods = self.store.list(PODS, namespace)
+        for svc in self.store.list(SERVICES, namespace):
+            if not svc.get("spec", {}).get("selector"):
+                continue
+            want = endpoints_for(svc, pods, self.api.pod_network.cidrs if self.api.pod_network else ())
+            live = self.store.find(ENDPOINTS, namespace, svc["metadata"]["name"])
+            if want is None:
+                continue  # an address the API server refuses: the controller's write fails
+            if live is None:
+                self.store.create(ENDPOINTS, want)
+            elif (live.get("subsets"), live["metadata"].get("labels")) != (want.get("subsets"),
+                                                                           want["metadata"]["labels"]):
+                body = {**live, "metadata": {**live["metadata"], "labels": want["metadata"]["labels"]}}
+                body.pop("subsets", None)
+                self.store.replace(ENDPOINTS, namespace, svc["metadata"]["name"], {**body, **(
+                    {"subsets": want["subsets"]} if "subsets" in want else {})})
+        self.api.write_cluster_dns()
+
+    def _bind(self, pod: Obj, node: str) -> Obj:
+        key, name = _key(pod), pod["metadata"]["name"]
+        pod = self.store.replace(PODS, key[0], name, {**pod, "spec": {**pod["spec"], "nodeName": node}})
+        self._event(pod, "Normal", "Scheduled", f"Successfully assigned {key[0]}/{name} to {node}", "default-scheduler")
+        return pod
 
     def _enter(self, pod: Obj, stage: str, params: dict[str, Any]) -> None:
         """Put a pod in a stage: write its spec/status as the scheduler and kubelet would, and their Events."""
@@ -283,10 +308,26 @@ class FakeKubeRayOperator:
                 _condition("PodScheduled", False, params["reason"], params["message"])]})
             self._event(pod, "Warning", "FailedScheduling", params["message"], "default-scheduler")
             return
-        if not pod["spec"].get("nodeName"):
-            pod = self.store.replace(PODS, key[0], name, {**pod, "spec": {**pod["spec"], "nodeName": NODE}})
-            self._event(pod, "Normal", "Scheduled", f"Successfully assigned {key[0]}/{name} to {NODE}",
-                        "default-scheduler")
+        if stage == "scheduled" and not pod["spec"].get("nodeName"):
+            nodes = self.store.list(NODES)
+            node, message = schedule(pod, nodes, self.store.list(PODS))
+            if node is None:
+                self._stages[key] = "unfit"
+                scheduled = next((c for c in pod.get("status", {}).get("conditions") or []
+                                  if c["type"] == "PodScheduled"), {})
+                if scheduled.get("message") != message:
+                    self._write_status(pod, {"phase": "Pending", "conditions": [
+                        _condition("PodScheduled", False, "Unschedulable", message)]})
+                self._event(pod, "Warning", "FailedScheduling", message, "default-scheduler")
+                return
+            pod = self._bind(pod, node)
+        elif not pod["spec"].get("nodeName"):
+            pod = self._bind(pod, NODE)  # a test's rule: onto the regular node, whatever the scheduler says
+        vk = self._virtual(pod)
+        if vk is not None:
+            self._stages.pop(key, None)
+            vk.create_pod(pod)
+            return
         if stage == "scheduled":
             self._write_status(pod, _pod_status("Pending", containers, {"waiting": {"reason": "ContainerCreating"}}))
         elif stage == "errimagepull":

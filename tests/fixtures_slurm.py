@@ -1,7 +1,11 @@
 """A real single-node SLURM cluster (Debian slurm-wlm + munge) for the session; skipped with the reason otherwise.
 
 Everything it starts lives in a private temp dir with free ports and its own munge socket, so it neither needs nor
-disturbs a system SLURM, and it is stopped by PID at the end.
+disturbs a system SLURM, and it is stopped by PID at the end. The one node declares more than this machine has
+(`SlurmdParameters=config_overrides`, 16 CPUs, 200 GB), so HPC-sized jobs run; OverTimeLimit=0 and KillWait=5
+make a walltime kill prompt (~60-90 s after start for `--time=1`), MinJobAge=600 keeps a finished job visible to
+squeue/scontrol without accounting. `start_slurm` serves the pytest fixture and the site box
+(tests/fake_site_box.py) alike.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class SlurmCluster:
                               env={**os.environ, **self.env})
 
     def jobs(self) -> list[str]:
-        return self.run("squeue", "-h", "-o", "%i").stdout.split()
+        """Jobs not finished yet (pending, running, completing)."""
+        return self.run("squeue", "-h", "-t", "PD,R,CG,S", "-o", "%i").stdout.split()
 
     def log_tail(self) -> str:
         return "\n".join(f"{p.name}: {p.read_text()[-600:]}" for p in sorted(self.root.glob("*.log")))
@@ -51,7 +56,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(root: Path, munge_socket: Path) -> str:
+def _config(root: Path, munge_socket: Path, cpus: int, memory_mb: int) -> str:
     partitions = "\n".join(f"PartitionName={p} Nodes={NODE} Default={'YES' if p == 'debug' else 'NO'} "
                            "MaxTime=INFINITE State=UP" for p in PARTITIONS)
     return f"""\
@@ -79,7 +84,10 @@ SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 MpiDefault=none
 ReturnToService=2
 KillWait=5
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
+OverTimeLimit=0
+MinJobAge=600
+SlurmdParameters=config_overrides
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 {partitions}
 """
 
@@ -125,7 +133,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-def _skip_reason() -> str | None:
+def skip_reason() -> str | None:
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         return f"SLURM not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge"
@@ -138,12 +146,8 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """slurmctld + slurmd + munged, node idle; every job is cancelled and every daemon stopped by PID at the end."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+def start_slurm(cpus: int = 16, memory_mb: int = 200000) -> SlurmCluster:
+    """munged + slurmctld + slurmd, node idle. Raises RuntimeError saying why when it cannot; `stop_slurm` ends it."""
     # Not under pytest's tmp dirs: those are 0700 root, and munged (user munge) must reach its own dir.
     root = Path(tempfile.mkdtemp(prefix="hpcray-slurm-"))
     root.chmod(0o755)
@@ -153,7 +157,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     try:
         munged, sock = _start_munge(root)
         cluster.procs.append(munged)
-        cluster.conf.write_text(_config(root, sock))
+        cluster.conf.write_text(_config(root, sock, cpus, memory_mb))
         for cmd in (["slurmctld", "-D", "-i", "-f", str(cluster.conf)],
                     ["slurmd", "-D", "-N", NODE, "-f", str(cluster.conf)]):
             cluster.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -161,14 +165,33 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         idle = _wait_for(lambda: cluster.run("sinfo", "-h", "-n", NODE, "-o", "%t").stdout.strip() == "idle", 30)
         if not idle:
             raise RuntimeError(f"the test SLURM node did not become idle in 30 s:\n{cluster.log_tail()}")
+    except BaseException:
+        stop_slurm(cluster)
+        raise
+    return cluster
+
+
+def stop_slurm(cluster: SlurmCluster) -> None:
+    """Cancel every job, stop every daemon by PID, remove the cluster's directory."""
+    if len(cluster.procs) == 3 and cluster.jobs():  # slurmstepd outlives slurmd: end the jobs first
+        cluster.run("scancel", *cluster.jobs())
+        _wait_for(lambda: not cluster.jobs(), 20)
+    for proc in reversed(cluster.procs):
+        _stop(proc)
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """slurmctld + slurmd + munged, node idle; every job is cancelled and every daemon stopped by PID at the end."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_slurm()
+    try:
         yield cluster
     finally:
-        if len(cluster.procs) == 3 and cluster.jobs():  # slurmstepd outlives slurmd: end the jobs first
-            cluster.run("scancel", *cluster.jobs())
-            _wait_for(lambda: not cluster.jobs(), 20)
-        for proc in reversed(cluster.procs):
-            _stop(proc)
-        shutil.rmtree(root, ignore_errors=True)
+        stop_slurm(cluster)
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ OFFLINE: list[tuple[str, Offline, str]] = [
     ("unknown profile name via up", Offline(["up", "-p", "vegaa"], ["vegaa", "did you mean 'vega'?"]),
      "`hpcray: error: vegaa: … did you mean 'vega'?`"),
     ("profile file missing via down", Offline(["down", "-p", "{in}/gone.yaml"], ["{in}/gone.yaml: no such profile file"]),
-     "`PATH: no such profile file; pass a path to a YAML profile or a name from values/profiles`"),
+     "`PATH: no such profile file; pass a path to a YAML profile or a profile name (`hpcray profile --list`)`"),
     ("--env without =", Offline(["submit", "--address", "{dashboard}", "--env", "EPOCHS", "--", "true"],
                                 ["--env: 'EPOCHS' is not K=V", "see `hpcray submit --help`"]),
      "`Invalid value for --env: 'EPOCHS' is not K=V; see `hpcray submit --help``"),
@@ -268,11 +268,13 @@ OFFLINE: list[tuple[str, Offline, str]] = [
                                                        "{tracking_uri: 'http://127.0.0.1:9', credentials: env}")),
      "`mlflow.credentials is 'env' but MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not set; export …`"),
     ("password inside mlflow.tracking_uri", Offline(["run", "-p", "{profile}", "ok"],
-                                                    ["mlflow.tracking_uri carries a password", "mlflow.credentials"],
+                                                    ["mlflow.tracking_uri: the URL 'http://u:***@…' carries a "
+                                                     "password", "mlflow.credentials"],
                                                     LOCAL.replace("{credentials: none}",
                                                                   "{tracking_uri: 'http://u:{secret}@127.0.0.1:9', "
                                                                   "credentials: none}")),
-     "`mlflow.tracking_uri carries a password; remove it from the URL … and use mlflow.credentials`"),
+     "`FILE:LINE: mlflow.tracking_uri: the URL 'http://u:***@…' carries a password …; remove 'user:password@' "
+     "from it and give the username and password through mlflow.credentials …`"),
     ("credentials file readable by others (0644)",
      Offline(["up", "-p", "{profile}"], ["{in}/mlflow.cred: credentials file is readable by others (mode 644)",
                                          "chmod 600 {in}/mlflow.cred"],

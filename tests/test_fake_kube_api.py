@@ -13,6 +13,7 @@ import base64
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.fake_kube_api import FakeKubeAPI, serve
+from tests.fixtures_tools import helm_path
 
 RAYCLUSTER = "raycluster-kuberay"  # release `raycluster` + the chart's nameOverride `kuberay`
 
@@ -58,7 +60,8 @@ def ray_cluster(name: str = "rc", workers: int = 2, group: str = "wg") -> dict[s
     def template(container: str) -> dict[str, Any]:
         return {"metadata": {"labels": {"team": "ml"}, "annotations": {"note": "copied"}},
                 "spec": {"containers": [{"name": container, "image": "rayproject/ray:2.9.0"}],
-                         "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]}}
+                         "nodeSelector": {"kubernetes.io/os": "linux"},
+                         "tolerations": [{"key": "gpu", "operator": "Exists"}]}}
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name},
             "spec": {"headGroupSpec": {"rayStartParams": {}, "template": template("ray-head")},
                      "workerGroupSpecs": [{"groupName": group, "replicas": workers, "minReplicas": 0, "maxReplicas": 5,
@@ -211,14 +214,15 @@ def test_watch_sees_pods_go_pending_to_ready(kube: FakeKubeAPI) -> None:
     assert all(s[0] == "Pending" and "Running" in s for s in states.values()), states
     head = v1.list_namespaced_pod("default", label_selector="ray.io/node-type=head").items[0]
     assert head.metadata.name.startswith("rc-head-") and head.metadata.labels["ray.io/group"] == "headgroup"
-    assert head.metadata.labels["team"] == "ml" and head.metadata.annotations == {"note": "copied"}
-    assert head.spec.node_selector == {"gpu": "a100"} and head.spec.tolerations[0].key == "gpu"
+    assert head.metadata.labels["team"] == "ml"
+    assert head.metadata.annotations == {"note": "copied", "ray.io/ft-enabled": "false"}
+    assert head.spec.node_selector == {"kubernetes.io/os": "linux"} and head.spec.tolerations[0].key == "gpu"
     assert head.metadata.owner_references[0].kind == "RayCluster"
     node = v1.read_node(head.spec.node_name)
     assert [(c.type, c.status) for c in node.status.conditions] == [("Ready", "True")]
     svc = v1.read_namespaced_service("rc-head-svc", "default")
     assert {p.name: p.port for p in svc.spec.ports} == {"client": 10001, "dashboard": 8265, "gcs-server": 6379,
-                                                        "metrics": 8080}
+                                                        "metrics": 8080, "serve": 8000}  # KubeRay's defaults
     status = wait_for("status", lambda: (s := kube.get("rayclusters", "rc")["status"]).get("state") and s)
     assert status["state"] == "ready" and status["readyWorkerReplicas"] == 2
 
@@ -414,3 +418,171 @@ def test_patches_finalizers_and_garbage_collection(kube: FakeKubeAPI) -> None:
     assert caught.value.status == 404 and 'namespaces \\"missing\\" not found' in caught.value.body
     v1.delete_collection_namespaced_config_map("default")
     assert v1.list_namespaced_config_map("default").items == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KubeRay's pods, the scheduler, endpoints and the service proxy
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_kuberay_pods_and_head_service_are_built_as_kuberay_builds_them(kube: FakeKubeAPI) -> None:
+    rc = ray_cluster(workers=1)
+    rc["spec"]["headGroupSpec"]["rayStartParams"] = {"num-cpus": "0"}
+    for group in (rc["spec"]["headGroupSpec"], rc["spec"]["workerGroupSpecs"][0]):
+        group["template"]["spec"]["containers"][0].update(
+            env=[{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow"}],
+            resources={"limits": {"cpu": "1500m", "memory": "2G", "nvidia.com/gpu": "1"}})
+    kube.create(rc)
+    head = wait_for("head", lambda: kube.list("pods", labels="ray.io/node-type=head"))[0]
+    worker = wait_for("worker", lambda: kube.list("pods", labels="ray.io/node-type=worker"))[0]
+    ray = head["spec"]["containers"][0]
+    assert ray["command"] == ["/bin/bash", "-lc", "--"]
+    assert ray["args"] == ["ulimit -n 65536; ray start --head  --block  --dashboard-agent-listen-port=52365  "
+                           "--dashboard-host=0.0.0.0  --memory=2000000000  --metrics-export-port=8080  "
+                           "--num-cpus=0  --num-gpus=1 "]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in ray["env"]}
+    assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env["RAY_PORT"] == "6379"
+    assert env["RAY_CLUSTER_NAME"] == {"fieldRef": {"fieldPath": "metadata.labels['ray.io/cluster']"}}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow" and "FQ_RAY_IP" not in env
+    assert {"mountPath": "/dev/shm", "name": "shared-mem"} in ray["volumeMounts"]
+    assert head["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "1500m"  # defaulted from the limits
+    [init] = worker["spec"]["initContainers"]
+    assert init["name"] == "wait-gcs-ready" and init["command"] == ["/bin/bash", "-lc", "--"]
+    assert "ray health-check --address rc-head-svc.default.svc.cluster.local:6379" in init["args"][0]
+    assert init["env"] == [{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow"},
+                           {"name": "FQ_RAY_IP", "value": "rc-head-svc.default.svc.cluster.local"},
+                           {"name": "RAY_IP", "value": "rc-head-svc"}]
+    assert "--address=rc-head-svc.default.svc.cluster.local:6379" in worker["spec"]["containers"][0]["args"][0]
+    svc = kube.get("services", "rc-head-svc")
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "rc", "ray.io/node-type": "head",
+                                       "ray.io/identifier": "rc-head", "app.kubernetes.io/name": "kuberay",
+                                       "app.kubernetes.io/created-by": "kuberay-operator"}
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["client", "dashboard", "gcs-server", "metrics", "serve"]
+    [subset] = wait_for("the ready head in the Service's endpoints", lambda: (
+        e := kube.get("endpoints", "rc-head-svc")) and e.get("subsets") and e["subsets"][0].get("addresses")
+        and e["subsets"])
+    assert [a["targetRef"]["name"] for a in subset["addresses"]] == [head["metadata"]["name"]]
+
+
+def test_the_scheduler_fits_pods_as_kube_scheduler_does(kube: FakeKubeAPI) -> None:
+    from tests.fake_kube_scheduler import interlink_node
+    kube.create({"apiVersion": "v1", "kind": "Node", **interlink_node("vk", pod_cidr="10.10.0.0/24")})
+    toleration = [{"key": "virtual-node.interlink/no-schedule", "operator": "Exists"}]
+
+    def make(name: str, cpu: str, *, selector: bool = True, tolerate: bool = True) -> None:
+        kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+            **({"nodeSelector": {"kubernetes.io/hostname": "vk"}} if selector else {}),
+            **({"tolerations": toleration} if tolerate else {}),
+            "containers": [{"name": "c", "image": "x", "resources": {"limits": {"cpu": cpu}}}]}})
+
+    def pending_message(name: str) -> str:
+        return wait_for(f"{name} unschedulable", lambda: next(
+            (c["message"] for c in (kube.get("pods", name)["status"].get("conditions") or [])
+             if c["type"] == "PodScheduled" and c["status"] == "False"), ""))
+
+    make("first", "60")
+    assert wait_for("first bound", lambda: kube.get("pods", "first")["spec"].get("nodeName")) == "vk"
+    make("second", "60")  # requests default to limits and add up on the node: 120 > 100
+    assert pending_message("second") == (
+        "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) didn't match Pod's node affinity/selector. "
+        "preemption: 0/2 nodes are available: 1 No preemption victims found for incoming pod, 1 Preemption is not "
+        "helpful for scheduling.")
+    make("intolerant", "1", tolerate=False)
+    assert pending_message("intolerant") == (
+        "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated "
+        "taint {virtual-node.interlink/no-schedule: true}. preemption: 0/2 nodes are available: 2 Preemption is "
+        "not helpful for scheduling.")
+    make("anywhere", "1", selector=False, tolerate=False)
+    assert wait_for("on the regular node", lambda: kube.get("pods", "anywhere")["spec"].get("nodeName")) == "fake-node-1"
+    kube.delete("pods", "first")
+    assert wait_for("second fits once first is gone", lambda: kube.get("pods", "second")["spec"].get("nodeName"))
+
+
+class Backend:
+    """What listens in a fake pod: an HTTP endpoint and a websocket echo, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        async def version(request: web.Request) -> web.Response:
+            return web.json_response({"path": request.path, "query": request.query_string, "version": "fake"})
+
+        async def echo(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str(f"echo: {msg.data}")
+            return ws
+        app = web.Application()
+        app.router.add_get("/api/version", version)
+        app.router.add_get("/ws", echo)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = self.runner.addresses[0][1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        import asyncio
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_the_service_proxy_reaches_ready_endpoints_only(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    import asyncio
+
+    import aiohttp
+    backend = Backend()
+    try:
+        kube.serve_pod_port("ray.io/node-type=head", 8265, ("127.0.0.1", backend.port))
+        kube.create(ray_cluster(workers=0))
+        head = wait_for("ready head", lambda: [p for p in kube.list("pods", labels="ray.io/node-type=head")
+                                                if is_ready(p)])[0]["metadata"]["name"]
+        v1 = core(kube)
+        answer = wait_for("proxied", lambda: _try(lambda: v1.connect_get_namespaced_service_proxy_with_path(
+            "rc-head-svc:dashboard", "default", "api/version")))
+        assert json.loads(answer.replace("'", '"'))["version"] == "fake"
+        kubectl = shutil.which("kubectl") or str(Path(helm_path(4) or "/nonexistent").parent / "kubectl")
+        raw = subprocess.run([kubectl, "--kubeconfig", str(kube.kubeconfig), "get", "--raw",
+                              "/api/v1/namespaces/default/services/http:rc-head-svc:8265/proxy/api/version?x=1"],
+                             capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)}, timeout=60)
+        assert raw.returncode == 0 and json.loads(raw.stdout) == {"path": "/api/version", "query": "x=1",
+                                                                  "version": "fake"}
+
+        async def websocket() -> str:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{kube.url}/api/v1/namespaces/default/services/rc-head-svc:dashboard"
+                                              "/proxy/ws") as ws:
+                    await ws.send_str("hello")
+                    return (await ws.receive(timeout=10)).data
+        assert asyncio.run(websocket()) == "echo: hello"
+
+        with pytest.raises(ApiException) as caught:
+            v1.connect_get_namespaced_service_proxy_with_path("rc-head-svc:client", "default", "x")
+        assert caught.value.status == 503 and "error trying to reach service" in caught.value.body
+        assert kube.operator
+        kube.operator.set_pod_phase(head, "Running", ready=False)
+        wait_for("no ready endpoint", lambda: not kube.get("endpoints", "rc-head-svc")["subsets"][0].get("addresses"))
+        with pytest.raises(ApiException) as caught:
+            v1.connect_get_namespaced_service_proxy_with_path("rc-head-svc:dashboard", "default", "api/version")
+        assert caught.value.status == 503
+        assert 'no endpoints available for service \\"rc-head-svc:dashboard\\"' in caught.value.body
+        kube.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "manual"},
+                     "spec": {"ports": [{"name": "http", "port": 80}]}})  # no selector: nobody writes Endpoints
+        with pytest.raises(ApiException) as caught:
+            v1.connect_get_namespaced_service_proxy_with_path("manual:http", "default", "")
+        assert caught.value.status == 404 and 'endpoints \\"manual\\" not found' in caught.value.body
+    finally:
+        backend.close()
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ApiException:
+        return None

@@ -435,7 +435,8 @@ def test_a_local_tracking_store_takes_no_credentials_secret(helm4: str, api: Fak
     profile = write_profile(tmp_path, api, workers=0, tracking_uri=uri)  # credentials: env, both exported
     dry = hpcray("up", "-p", str(profile), "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "Secret" not in dry.stdout and "secretKeyRef" not in dry.stdout and "MLFLOW_TRACKING_PASSWORD" not in dry.stdout
+    assert "Secret" not in dry.stdout and "secretKeyRef" not in dry.stdout
+    assert "MLFLOW_TRACKING_PASSWORD" not in dry.stdout
     done = hpcray("up", "-p", str(profile))
     assert done.returncode == 0, done.stderr
     assert "lc: kuberay namespace default release deployed rev 1; ready; 1/1 pods Ready" in done.stdout

@@ -84,7 +84,8 @@ def test_up_runs_a_job_with_the_credentials_in_its_env_and_down_leaves_nothing(t
     again = backend.up(timeout=START_TIMEOUT_S, progress=lines.append, credentials=Credentials("u", Secret("x")))
     assert again.address == address and again.head.pid == status.head.pid
 
-    logs = run_job(address, """python -c "import os, sys; print(sys.executable, os.environ['MLFLOW_TRACKING_PASSWORD'])" """)
+    logs = run_job(address, "python -c \"import os, sys; "
+                            "print(sys.executable, os.environ['MLFLOW_TRACKING_PASSWORD'])\"")
     assert f"{os.path.dirname(sys.executable)}/python {value}" in logs
 
     assert cmdlines_containing(value) == []

@@ -303,10 +303,11 @@ def test_preflight_speaks_http_without_importing_mlflow(mlflow_server: Any, tmp_
 
 
 def test_a_password_in_the_tracking_uri_is_refused(tmp_path: Path) -> None:
-    profile = load_profile(profile_file(tmp_path, "inuri", {"tracking_uri": "http://u:p@127.0.0.1:1",
-                                                            "experiment": "x"}))
-    with pytest.raises(Exception, match="carries a password"):
-        preflight(profile, None)
+    from hpcray.errors import ProfileError
+
+    path = profile_file(tmp_path, "inuri", {"tracking_uri": "http://u:p@127.0.0.1:1", "experiment": "x"})
+    with pytest.raises(ProfileError, match="mlflow.tracking_uri: the URL 'http://u:\\*\\*\\*@…' carries a password"):
+        load_profile(path)  # refused with the profile, before any command can print or send it
 
 
 def test_local_store_keeps_artifacts_beside_it_and_warns_about_an_experiment_that_does_not(tmp_path: Path) -> None:

@@ -32,8 +32,9 @@ def clusters(where: kube.Target) -> list[ClusterStatus]:
         states = pods.get((r.namespace, r.name), [])
         name = rc.get("metadata", {}).get("name")
         out.append(ClusterStatus(
-            name=r.name, backend="kuberay", exists=True, ready=r.status == "deployed" and states_ready(states, expected),
-            node_kind="pod", nodes=[node_status(s) for s in states], expires_at=expiry(rc), namespace=r.namespace,
+            name=r.name, backend="kuberay", exists=True,
+            ready=r.status == "deployed" and states_ready(states, expected), node_kind="pod",
+            nodes=[node_status(s) for s in states], expires_at=expiry(rc), namespace=r.namespace,
             release=release_status(r), expected_workers=expected, service=f"{name}-head-svc" if name else None))
     return out
 

@@ -24,7 +24,7 @@ from hpcray.backends.base import ClusterStatus, NodeStatus, Plan, Progress, Rele
 from hpcray.errors import ClusterNotReady, CredentialsError, HpcrayError, Interrupted, KubeError
 from hpcray.http import Endpoint
 from hpcray.images import sif_known_missing
-from hpcray.profile import Profile
+from hpcray.profile import Profile, profile_ref
 from hpcray.render import PROFILE_LABEL
 from hpcray.secrets import Secret
 from hpcray.state import locked, state_dir, write_atomic
@@ -57,7 +57,7 @@ class KubeRayBackend:
         self.namespace = profile.kubernetes.namespace
         self.secret = secret_name(profile.name)
         self.selector = f"{kube.CLUSTER_LABEL}={profile.raycluster_name}"
-        self.ref = str(profile.source)  # how the commands we suggest name the profile
+        self.ref = profile_ref(profile.source)  # how the commands we suggest name the profile
 
     # -----------------------------------------------------------------------------------------------------------
     # up

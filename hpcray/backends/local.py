@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 from hpcray import http
 from hpcray.backends.base import ClusterStatus, HeadProcess, NodeStatus, Plan, Progress, Step
 from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError, ToolMissing
-from hpcray.profile import Profile
+from hpcray.profile import Profile, profile_ref
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV, locked, state_dir, state_root, write_atomic
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, credential_plan
@@ -179,7 +179,8 @@ class LocalBackend:
     def address(self) -> str:
         st = self._load()
         if st is None or not _running(st.pid):
-            raise ClusterError(f"no local cluster '{self.name}' is up; run `hpcray up --profile {self.p.source}`")
+            raise ClusterError(f"no local cluster '{self.name}' is up; run "
+                               f"`hpcray up --profile {profile_ref(self.p.source)}`")
         return st.dashboard
 
     def tracking_uri(self) -> str | None:
@@ -211,7 +212,8 @@ class LocalBackend:
         leftovers = find_leftovers(self.temp_dir)
         if st is None and not leftovers:
             return Plan(self.name, "local", [Step(f"do nothing: no local cluster '{self.name}' is up")])
-        what = f"the Ray head (pid {st.pid}, dashboard {st.dashboard})" if st else f"{len(leftovers)} leftover process(es)"
+        what = (f"the Ray head (pid {st.pid}, dashboard {st.dashboard})" if st else
+                f"{len(leftovers)} leftover process(es)")
         mlflow = f" and its MLflow server (pid {st.mlflow_pid})" if st and st.mlflow_pid else ""
         return Plan(self.name, "local", [
             Step(f"stop {what}{mlflow} of local cluster '{self.name}' and every process started from it (SIGTERM, "
