@@ -25,6 +25,7 @@ from hpcray.jobs import JobsApi
 from hpcray.profile import load_profile
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV
+from hpcray.errors import TrackingError
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, preflight
 from tests.test_jobs import free_port, hpcray, job_ids, one_error_line, popen_hpcray
 
@@ -210,7 +211,7 @@ def test_runtime_env_delivery_works_and_warns_that_the_dashboard_shows_it(
     assert len(runs(mlflow_server, experiment)) == 1
     password = credentials.password.reveal()
     assert password not in done.stdout + done.stderr
-    assert password in JobsApi(ray_head.address).call("GET", f"/api/jobs/{job_id}")[1], "why it is opt-in"
+    assert password in JobsApi(ray_head.address).call("GET", f"/api/jobs/{job_id}").text, "why it is opt-in"
     for shown in (hpcray("list", "--address", ray_head.address, "--json"),
                   hpcray("job-status", "--address", ray_head.address, job_id, "--json")):
         assert shown.returncode == 0 and password not in shown.stdout
@@ -305,7 +306,7 @@ def test_preflight_speaks_http_without_importing_mlflow(mlflow_server: Any, tmp_
 def test_a_password_in_the_tracking_uri_is_refused(tmp_path: Path) -> None:
     profile = load_profile(profile_file(tmp_path, "inuri", {"tracking_uri": "http://u:p@127.0.0.1:1",
                                                             "experiment": "x"}))
-    with pytest.raises(Exception, match="carries a password"):
+    with pytest.raises(TrackingError, match="carries a password"):
         preflight(profile, None)
 
 
@@ -327,7 +328,6 @@ def test_local_store_keeps_artifacts_beside_it_and_warns_about_an_experiment_tha
 
 
 def test_a_local_store_that_is_not_mlflows_is_one_line(tmp_path: Path) -> None:
-    from hpcray.errors import TrackingError
     from hpcray.tracking import prepare_local_store
 
     db = tmp_path / "mlflow.db"
