@@ -180,8 +180,8 @@ def test_job_logs_to_mlflow_as_the_injected_user_and_the_password_leaks_nowhere(
     assert not leaking, f"password in the argv of pids {leaking}"
     assert password.decode() not in out + err
 
-    status, listed = api.call("GET", "/api/jobs/")
-    assert status == 200 and password.decode() not in listed
+    listed = api.call("GET", "/api/jobs/")
+    assert listed.status == 200 and password.decode() not in listed.text
     assert ray_list is not None
     listed_out, listed_err = ray_list.communicate(timeout=60)
     assert ray_list.returncode == 0 and "raysubmit_" in listed_out, listed_err

@@ -2,15 +2,17 @@
 listing jobs.
 
 The log comes over Ray's log-tail websocket, what `ray job logs -f` reads: each byte once, as Ray reads the job's
-log file (it looks again about every second while the job is quiet). The end is noticed from the job's status,
-polled at an interval that grows with the job's age (4 % of it, from 0.1 s up to 5 s), or from Ray closing the
-stream, which it does once the job has ended and the whole log is sent. A stream that drops mid-job is opened again
-and what it resends is skipped; where none can be opened (a proxy that refuses websocket upgrades) the whole log is
-re-read every few seconds instead, and a line says so.
+log file (it looks again about every second while the job is quiet); a job that ends within 2 s of starting is
+shown with one read at its end instead. The end is noticed from the job's status, polled at an interval that grows
+with the job's age (4 % of it, from 0.1 s up to 5 s), or from Ray closing the stream, which it does once the job
+has ended and the whole log is sent. A stream that drops mid-job is opened again and what it resends is skipped;
+where none can be opened (a proxy that refuses websocket upgrades) the whole log is re-read every few seconds
+instead, and a line says so.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -30,6 +32,10 @@ POLL_S = 0.2
 """Status poll period when waiting for a stopped job's end; the fallback's log poll period for a short log."""
 STATUS_POLL_S, STATUS_POLL_SHARE, STATUS_POLL_MAX_S = 0.1, 0.04, 5.0
 """While following: the job's status is polled every STATUS_POLL_SHARE of its age, within these bounds."""
+STREAM_AFTER_S = 2.0
+"""A job seen starting gets the log stream once it has run this long (one already running gets it at once): a
+shorter one is shown with one read at its end, without the websocket (importing aiohttp costs ~0.3 s of CPU, which
+a short job on a busy head would wait for)."""
 REFETCH_MAX = 2**20
 """When the job has ended, a log of which less than this was shown is fetched whole (one request, done at once)
 rather than waiting for Ray to close the stream (1-5 s after the end); a longer one comes through the stream."""
@@ -41,7 +47,6 @@ MAX_DROPS = 3
 """Streams in a row that drop before showing anything new, before falling back to re-reading the log."""
 FLUSH_S = 0.05
 """Output from the stream is flushed at most this long after it arrives (not once per chunk: a chatty job)."""
-CLOSE_WAIT_S = 2.0
 
 
 def _to_stderr(line: str) -> None:
@@ -62,6 +67,7 @@ class _Stream:
         self.failure: Exception | None = None  # writing the output failed (a closed pipe)
         self.last_data = time.monotonic()
         self._skip, self._out, self._done = skip, out, threading.Event()
+        self._lock, self._closed = threading.Lock(), False  # `out` is written under the lock, until closed
         self._loop = asyncio.new_event_loop()
         self._task = self._loop.create_task(self._read(api, job_id))
         threading.Thread(target=self._run, name=f"log-tail {job_id}", daemon=True).start()
@@ -74,12 +80,17 @@ class _Stream:
         self._done.wait(timeout)
 
     def close(self) -> None:
+        """Stop writing at once (`shown` is final when this returns); the thread winds the connection down alone."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._out.flush()
         if not self._done.is_set():
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
             except RuntimeError:  # its loop closed meanwhile
                 pass
-            self._done.wait(CLOSE_WAIT_S)
 
     def _run(self) -> None:
         import asyncio
@@ -92,6 +103,15 @@ class _Stream:
             self._loop.close()
             self._done.set()
 
+    def _flush(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._out.flush()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+                self.failure = self.failure or exc
+
     async def _read(self, api: JobsApi, job_id: str) -> None:
         import asyncio
 
@@ -100,7 +120,7 @@ class _Stream:
 
         def flush() -> None:
             pending.clear()
-            self._out.flush()
+            self._flush()
 
         try:
             async for text in api.tail(job_id):
@@ -110,8 +130,11 @@ class _Stream:
                     self._skip, text = self._skip - cut, text[cut:]
                     if not text:
                         continue
-                self._out.write(text)
-                self.shown += len(text)
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._out.write(text)
+                    self.shown += len(text)
                 if not pending:
                     pending.append(loop.call_later(FLUSH_S, flush))
         except StreamRefused as exc:
@@ -123,10 +146,19 @@ class _Stream:
         finally:
             for handle in pending:
                 handle.cancel()
-            try:
-                self._out.flush()
-            except Exception as exc:  # noqa: BLE001 - as above
-                self.failure = self.failure or exc
+            self._flush()
+
+
+class _NotYet:
+    """Before the stream: a job that ends within STREAM_AFTER_S of starting is shown with one read at its end."""
+
+    ended, failure, shown = False, None, 0
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(timeout)
+
+    def close(self) -> None:
+        pass
 
 
 class _Rereading:
@@ -168,16 +200,22 @@ def follow(api: JobsApi, job_id: str, out: TextIO, say: Say = _to_stderr) -> dic
         _write_rest(api.logs(job_id), 0, out)
         return redact(info)
     started = time.monotonic()
-    source: _Stream | _Rereading = _Stream(api, job_id, out)
+    running_since = -math.inf if info["status"] == "RUNNING" else None  # already running: the stream opens at once
+    source: _NotYet | _Stream | _Rereading = _NotYet()
     drops = 0
     try:
         while True:
+            if (isinstance(source, _NotYet) and running_since is not None
+                    and time.monotonic() - running_since >= STREAM_AFTER_S):
+                source = _Stream(api, job_id, out)
             source.wait(status_poll_interval(time.monotonic() - started))
             if source.failure is not None:
                 raise source.failure
             if str(info["status"]) not in TERMINAL:
                 info = _info(api, job_id, say)
             ended = str(info["status"]) in TERMINAL
+            if running_since is None and info["status"] == "RUNNING":
+                running_since = time.monotonic()
             if isinstance(source, _Stream) and source.ended:
                 if ended and source.refused is None and source.lost is None:
                     return redact(info)  # Ray closed the stream once the whole log was sent
