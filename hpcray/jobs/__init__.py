@@ -15,22 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 from hpcray.errors import HpcrayError
-from hpcray.jobs.api import (AgentNotReady, JobsApi, check_versions, client_ray_version, normalize_address,
-                             ray_token, wait_for_api)
-from hpcray.jobs.follow import (POLL_S, TERMINAL, exit_code, failure_summary, follow, job_lines, list_jobs,
-                                status_of, stop, wait_until_done)
-from hpcray.jobs.packaging import build_wheel, check_package_size, stage_wheels, upload_local_packages
+from hpcray.jobs.api import AgentNotReady, JobsApi, check_versions, client_ray_version, ray_token, wait_for_api
+from hpcray.jobs.follow import TERMINAL, exit_code, failure_summary, follow, job_lines, list_jobs, status_of, stop
+from hpcray.jobs.packaging import stage_wheels, upload_local_packages
 from hpcray.jobs.submission import (Submission, build_submission, check_env_names, check_names, entrypoint_of,
-                                    is_secret_name, itwinai_entrypoint, job_spec, read_requirements, redact, scrub,
-                                    with_overrides)
+                                    is_secret_name, itwinai_entrypoint, job_spec, redact, scrub, with_overrides)
 from hpcray.waiting import Deadline
 
 __all__ = [
-    "API_WAIT_S", "POLL_S", "TERMINAL", "JobsApi", "Submission", "build_submission", "build_wheel",
-    "check_env_names", "check_names", "check_package_size", "check_versions", "client_ray_version", "entrypoint_of",
-    "exit_code", "failure_summary", "follow", "is_secret_name", "itwinai_entrypoint", "job_lines", "job_spec",
-    "list_jobs", "normalize_address", "ray_token", "read_requirements", "redact", "stage_wheels", "status_of",
-    "stop", "submit", "upload_local_packages", "wait_for_api", "wait_until_done", "with_overrides",
+    "API_WAIT_S", "TERMINAL", "JobsApi", "Submission", "build_submission", "check_env_names", "check_names",
+    "check_versions", "client_ray_version", "entrypoint_of", "exit_code", "failure_summary", "follow",
+    "is_secret_name", "itwinai_entrypoint", "job_lines", "job_spec", "list_jobs", "ray_token", "redact",
+    "stage_wheels", "status_of", "stop", "submit", "wait_for_api", "with_overrides",
 ]
 
 API_WAIT_S = 60.0
