@@ -1,6 +1,6 @@
-"""Following a chatty job: one job prints 100 MiB of log lines over about 20 s, and `hpcray logs -f ID` and `ray job logs -f ID`
-follow it at the same time, each through a byte-counting TCP relay of its own on 127.0.0.1 (tests/tcp_proxy.py, as a
-port-forward would stand between them and the dashboard).
+"""Following a chatty job: one job prints 100 MiB of log lines over about 20 s, and `hpcray logs -f ID` and
+`ray job logs -f ID` follow it at the same time, each through a byte-counting TCP relay of its own on 127.0.0.1
+(tests/tcp_proxy.py, as a port-forward would stand between them and the dashboard).
 
 Rows: bytes fetched (the relay's bytes dashboard → follower, status polls included) over the log's size (goal
 ≤ 1.1×), and each follower's CPU time (user + sys of its process, from wait4) with hpcray against Ray's CLI (goal

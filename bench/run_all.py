@@ -160,7 +160,7 @@ def document(results: list[Result], log: list[str], argv: list[str], started: fl
         "stream; hpcray stops when the job's status is terminal and the logs are drained). The row *… of which the "
         "command's own part* subtracts from each run the job's own time as the head recorded it (`start_time` → "
         "`end_time` of `GET /api/jobs/ID`): what is left is the CLI's start, the submission, noticing the end and "
-        "the exit.",
+        "the exit; the two rows after it split that at the head's marks (the head runs on this machine: one clock).",
         "- **Following a job that prints 100 MiB**: the same head; one job writes 100 MiB of 100-byte lines as fast as "
         "Python can, and `hpcray logs -f ID` and `ray job logs -f ID` follow it at the same time, each through a "
         "byte-counting TCP relay of its own on 127.0.0.1 (`tests/tcp_proxy.py`, standing where a port-forward or an "
@@ -213,6 +213,18 @@ def reading(results: list[Result]) -> list[str]:
                    f"ratio reaches 0.3× only when Ray runs a 1 s job in ≤ {need:.1f} s, i.e. on a quiet machine; "
                    f"hpcray cannot shorten Ray's start of the job. To check: `python bench/bench_submit.py` when the "
                    f"load average is below 1.")
+        elif name.startswith("… of which the command's own part"):
+            before = by_what.get("… of which before the head accepted the job")
+            after = by_what.get("… of which after the job ended")
+            cold = by_what.get("cold start: `hpcray --help` vs `ray job --help`")
+            if before and after:
+                why = (f"hpcray's {r.ours.median:.2f} s is {before.ours.median:.2f} s before the head accepted the "
+                       f"job (the command's start and imports, the Jobs API and Ray version checks, the "
+                       f"submission{f'; `hpcray --help` alone took {cold.ours.median:.2f} s' if cold else ''}) and "
+                       f"{after.ours.median:.2f} s after the job ended (noticing the end: the status is polled every "
+                       f"0.1 s while the job is young; one read of its short log; the exit), each inflated by the "
+                       f"load average above (a 2-core machine shared with a Ray head running the job). "
+                       f"`python bench/bench_submit.py` on a quiet machine measures it without that load.")
         elif name.startswith("`make demo`"):
             parts = [x for x in results if x.what.startswith("… of which") and x.command == r.command]
             split = ", ".join(f"{x.what.removeprefix('… of which ').split(' (')[0]} {x.ours.median:.0f} s"

@@ -119,4 +119,4 @@ class JobsApiRefused(ClusterError):
 
 
 class RayApiMoved(HpcrayError):
-    """The installed Ray lacks the packaging helpers hpcray uploads working dirs with (a Ray outside the tested range)."""
+    """The installed Ray lacks the packaging helpers hpcray uploads working dirs with (outside the tested range)."""

@@ -55,6 +55,10 @@ class TcpProxy:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # close() alone leaves a blocked accept() listening on Linux
+        except OSError:
+            pass
         self._server.close()
         self.cut()
 

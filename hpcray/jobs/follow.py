@@ -239,8 +239,8 @@ def _info(api: JobsApi, job_id: str, say: Say) -> dict[str, Any]:
         return api.info(job_id)
     except JobsApiRefused:
         raise
-    except ClusterError as exc:
-        say(f"{exc}; retrying for {BLIP_S:.0f} s")
+    except ClusterError:
+        say(f"no answer from the Ray Jobs API at {api.address}; retrying for {BLIP_S:.0f} s")
 
         def answer() -> dict[str, Any] | None:
             try:
