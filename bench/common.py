@@ -23,20 +23,23 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "RAY_USAGE_
 @dataclass
 class Stats:
     samples: list[float]
+    unit: str = "s"  # seconds, or "×" for a ratio such as bytes fetched over a log's size
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples)
 
     def cell(self) -> str:
-        return f"{self.median:.3f} s (min {min(self.samples):.3f}, max {max(self.samples):.3f}, n={len(self.samples)})"
+        value = f"{self.median:.3f} s" if self.unit == "s" else f"{self.median:.3f}{self.unit}"
+        return f"{value} (min {min(self.samples):.3f}, max {max(self.samples):.3f}, n={len(self.samples)})"
 
 
 @dataclass
 class Result:
     """One row of docs/BENCHMARKS.md: hpcray's figure, the usual way's, and the goal it is held to.
 
-    ``limit`` bounds the ratio hpcray/usual (``on="ratio"``) or hpcray's median in seconds (``on="seconds"``).
+    ``limit`` bounds the ratio hpcray/usual (``on="ratio"``) or hpcray's median itself, in its unit (any other
+    ``on``: "seconds", "value").
     """
 
     what: str

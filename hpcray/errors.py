@@ -114,3 +114,15 @@ class Interrupted(HpcrayError):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(message or f"interrupted by {signal.Signals(signum).name}; cleaned up")
+
+
+class UnknownJob(HpcrayError):
+    """A job name the profile does not define."""
+
+
+class JobsApiRefused(ClusterError):
+    """The Ray Jobs API answers but refuses us (401/403): a missing or wrong Ray token, or a proxy in front of it."""
+
+
+class RayApiMoved(HpcrayError):
+    """The installed Ray lacks the packaging helpers hpcray uploads working dirs with (outside the tested range)."""

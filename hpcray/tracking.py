@@ -154,26 +154,22 @@ class _Mlflow:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         import base64
         import json
-        import urllib.error
-        import urllib.request
 
-        # MLflow's basic-auth app answers 401 to a GET that carries a JSON Content-Type: set it only with a body.
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        from hpcray import http
+
+        # MLflow's basic-auth app answers 401 to a GET that carries a JSON Content-Type: http.request sets it only
+        # with a body.
+        headers: dict[str, str | Secret] = {}
         if self.credentials is not None:
             pair = f"{self.credentials.username}:{self.credentials.password.reveal()}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=data, method=method,
-                                         headers=headers)
+            headers["Authorization"] = Secret("Basic " + base64.b64encode(pair).decode())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                status, text = response.status, response.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode("utf-8", "replace")
-        except OSError as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"the MLflow server at {self.uri} does not answer ({reason}); check "
+            response = http.request(self.uri, method, f"/api/2.0/mlflow/{path}", body=body, headers=headers,
+                                    timeout=self.timeout)
+        except http.Unreachable as exc:
+            raise TrackingError(f"the MLflow server at {self.uri} does not answer ({exc.reason}); check "
                                 f"mlflow.tracking_uri and that the server is up") from None
+        status, text = response.status, response.text
         if status == 401 and self.credentials is None:
             raise TrackingError(f"the MLflow server at {self.uri} requires a login (401); set mlflow.credentials in "
                                 f"the profile (env, file or stdin)")

@@ -25,6 +25,7 @@ from hpcray.jobs import JobsApi
 from hpcray.profile import load_profile
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV
+from hpcray.errors import TrackingError
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, preflight
 from tests.test_jobs import free_port, hpcray, job_ids, one_error_line, popen_hpcray
 
@@ -179,8 +180,8 @@ def test_job_logs_to_mlflow_as_the_injected_user_and_the_password_leaks_nowhere(
     assert not leaking, f"password in the argv of pids {leaking}"
     assert password.decode() not in out + err
 
-    status, listed = api.call("GET", "/api/jobs/")
-    assert status == 200 and password.decode() not in listed
+    listed = api.call("GET", "/api/jobs/")
+    assert listed.status == 200 and password.decode() not in listed.text
     assert ray_list is not None
     listed_out, listed_err = ray_list.communicate(timeout=60)
     assert ray_list.returncode == 0 and "raysubmit_" in listed_out, listed_err
@@ -210,7 +211,7 @@ def test_runtime_env_delivery_works_and_warns_that_the_dashboard_shows_it(
     assert len(runs(mlflow_server, experiment)) == 1
     password = credentials.password.reveal()
     assert password not in done.stdout + done.stderr
-    assert password in JobsApi(ray_head.address).call("GET", f"/api/jobs/{job_id}")[1], "why it is opt-in"
+    assert password in JobsApi(ray_head.address).call("GET", f"/api/jobs/{job_id}").text, "why it is opt-in"
     for shown in (hpcray("list", "--address", ray_head.address, "--json"),
                   hpcray("job-status", "--address", ray_head.address, job_id, "--json")):
         assert shown.returncode == 0 and password not in shown.stdout
@@ -328,7 +329,6 @@ def test_local_store_keeps_artifacts_beside_it_and_warns_about_an_experiment_tha
 
 
 def test_a_local_store_that_is_not_mlflows_is_one_line(tmp_path: Path) -> None:
-    from hpcray.errors import TrackingError
     from hpcray.tracking import prepare_local_store
 
     db = tmp_path / "mlflow.db"
