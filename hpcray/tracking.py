@@ -278,11 +278,6 @@ def preflight(p: Profile, credentials: Credentials | None, *, timeout: float = 1
     uri = p.mlflow.tracking_uri
     if not uri or not uri.startswith(("http://", "https://")):
         return
-    from urllib.parse import urlsplit
-
-    if urlsplit(uri).password is not None:
-        raise TrackingError("mlflow.tracking_uri carries a password; remove it from the URL (it would show in job "
-                            "entrypoints and argv) and use mlflow.credentials")
     api = _Mlflow(uri, credentials, timeout)
     name = p.mlflow.experiment
     experiment = api.experiment(name)
