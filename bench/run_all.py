@@ -161,11 +161,12 @@ def document(results: list[Result], log: list[str], argv: list[str], started: fl
         "command's own part* subtracts from each run the job's own time as the head recorded it (`start_time` → "
         "`end_time` of `GET /api/jobs/ID`): what is left is the CLI's start, the submission, noticing the end and "
         "the exit; the two rows after it split that at the head's marks (the head runs on this machine: one clock).",
-        "- **Following a job that prints 100 MiB**: the same head; one job writes 100 MiB of 100-byte lines as fast as "
-        "Python can, and `hpcray logs -f ID` and `ray job logs -f ID` follow it at the same time, each through a "
-        "byte-counting TCP relay of its own on 127.0.0.1 (`tests/tcp_proxy.py`, standing where a port-forward or an "
-        "Ingress would). *Bytes fetched over the log's size*: all bytes the relay passed from the dashboard to the "
-        "follower (the log stream, status polls, headers) over the log's length; both follow Ray's log-tail "
+        "- **Following a job that prints 100 MiB**: the same head; one job writes 100 MiB of 100-byte lines in "
+        "bursts every 0.1 s over about 20 s, and `hpcray logs -f ID` and `ray job logs -f ID` follow it at the same "
+        "time, each through a byte-counting TCP relay of its own on 127.0.0.1 (`tests/tcp_proxy.py`, standing where a "
+        "port-forward or an Ingress would). *Bytes fetched over the log's size*: all bytes the relay passed from the "
+        "dashboard to the follower (the log stream, status polls, headers) over the log's length; both follow Ray's "
+        "log-tail "
         "websocket, so both pay its frame headers (~0.4 %). *CPU time*: user + sys of each follower process as the "
         "kernel accounted it (wait4), its start and imports included. Each follower's output is checked to hold "
         "the whole log.",

@@ -85,11 +85,11 @@ class JobsApi:
         endpoint = (dataclasses.replace(where, base=where.base.rstrip("/")) if isinstance(where, http.Endpoint)
                     else http.Endpoint(normalize_address(where)))
         token = token if token is not None else ray_token()
+        self._proxied = any(name.lower() == "authorization" for name in endpoint.headers)
         if token:
             # Ray reads its token from Authorization, else from X-Ray-Authorization: the one a proxy in front of it
             # leaves alone when Authorization carries the proxy's own credentials (the Kubernetes API server's).
-            taken = any(name.lower() == "authorization" for name in endpoint.headers)
-            header = "X-Ray-Authorization" if taken else "Authorization"
+            header = "X-Ray-Authorization" if self._proxied else "Authorization"
             endpoint = dataclasses.replace(endpoint, headers={**endpoint.headers,
                                                               header: Secret(f"Bearer {token.reveal()}")})
         self.endpoint = endpoint
@@ -104,9 +104,11 @@ class JobsApi:
             raise ClusterError(f"cannot reach the Ray Jobs API at {self.address}: {exc.reason}; is the cluster up "
                                f"(`hpcray status`), or is --address wrong?") from None
         if response.status in (401, 403):
-            raise JobsApiRefused(
-                f"the Ray cluster at {self.address} refused us ({response.status}: {reason(response.text)}); with "
-                f"token authentication, put its token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+            fix = ("check the credentials for the proxy in front of it (the kubeconfig's user) and, if Ray uses token "
+                   "authentication, its token" if self._proxied else "it uses token authentication: put its token")
+            raise JobsApiRefused(f"the Ray cluster at {self.address} refused us ({response.status}: "
+                                 f"{reason(response.text)}); {fix} in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+                                 f"RAY_AUTH_TOKEN")
         return response
 
     def _json(self, method: str, path: str, job_id: str | None = None, **kwargs: Any) -> Any:
