@@ -194,9 +194,12 @@ class MlflowSpec:
         "env", "Where the username/password come from: MLFLOW_TRACKING_USERNAME/PASSWORD, a 0600 file, or stdin.")
     credentials_file: str | None = opt(None, "File with `username=` and `password=` lines (mode 0600).",
                                        "~/.config/hpcray/mlflow.cred")
-    deliver: Literal["secret", "runtime_env"] = opt(
-        "secret", "How credentials reach Ray processes: a Kubernetes Secret / the local head's environment, or "
-                  "(opt-in, readable by anyone who reaches the dashboard) the job's runtime_env.")
+    deliver: Literal["secret", "secret_file", "secret_env", "runtime_env"] = opt(
+        "secret", "How credentials reach Ray processes. `secret`: a Kubernetes Secret (kuberay; the local head's "
+                  "environment with backend local), read as a 0400 file on interLink (its plugin writes env "
+                  "values into a 0644 file and its debug log) and as variables elsewhere; `secret_file` / "
+                  "`secret_env` force either way; `runtime_env` (opt-in, readable by anyone who reaches the "
+                  "dashboard): the job's runtime_env.")
 
 
 @dataclass
