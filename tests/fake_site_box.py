@@ -248,6 +248,11 @@ class SiteBox:
         self.stop()
 
     # -- for tests -----------------------------------------------------------------------------------------------
+    @property
+    def mlflow_pid(self) -> int | None:
+        """The MLflow server's PID, which leads its process group (its workers know the admin password too)."""
+        return self._mlflow.pid if self._mlflow is not None else None
+
     def job_dir(self, pod: dict[str, Any]) -> Path:
         assert self.plugin is not None
         return self.plugin.workdir(pod)
