@@ -44,6 +44,7 @@ def test_make_vega_box_runs_training_and_hpo_and_the_password_lands_only_in_a_04
     assert set(plaintext_files.values()) == {"0400"}
     assert not [lnd for lnd in files if lnd["where"].endswith(("_envfile.properties", "job.slurm", "job.sh"))]
     assert not [lnd for lnd in summary["landings"] if lnd["where"].startswith("`scontrol")]
+    assert not [lnd for lnd in files if "/hpcray-slurm-" in lnd["where"]], "sbatch passed the password to a job"
     assert {lnd["form"] for lnd in files if lnd["where"].endswith("interlink-plugin.log")} <= {"base64"}
 
 

@@ -193,6 +193,21 @@ def scan_processes(password: str, servers: set[int]) -> list[Landing]:
                     "0400 /proc/PID/environ: the process's user and root") for k, n in sorted(found.items())]
 
 
+def _processes_holding(password: str, servers: set[int]) -> list[str]:
+    """`PID command` of each process but the box's servers whose environment holds the password."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) in servers or password.encode() not in (entry / "environ").read_bytes():
+                continue
+            out.append(f"{entry.name} {(entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+        except (OSError, ProcessLookupError):
+            continue
+    return out
+
+
 def _servers(box: SiteBox) -> set[int]:
     return {box.mlflow_pid} if box.mlflow_pid is not None else set()
 
@@ -214,7 +229,7 @@ def leftovers(box: SiteBox, password: str, env: dict[str, str]) -> dict[str, lis
         "Secrets": [s["metadata"]["name"] for s in secrets if s.get("type") != "helm.sh/release.v1"],
         "RayClusters": rayclusters,
         "job directories": [p.name for p in Path(box.info.data_root).iterdir()],
-        "processes": [lnd.where for lnd in scan_processes(password, _servers(box))],
+        "processes": _processes_holding(password, _servers(box)),
     }
 
 
