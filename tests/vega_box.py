@@ -202,7 +202,8 @@ def _processes_holding(password: str, servers: set[int]) -> list[str]:
         try:
             if os.getpgid(int(entry.name)) in servers or password.encode() not in (entry / "environ").read_bytes():
                 continue
-            out.append(f"{entry.name} {(entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{entry.name} {command[:120]}")
         except (OSError, ProcessLookupError):
             continue
     return out
