@@ -140,23 +140,18 @@ def _forms(data: bytes, needles: dict[str, bytes]) -> list[str]:
     return [form for form, needle in needles.items() if needle in data]
 
 
-def scan_files(roots: list[Path], password: str, skip: tuple[Path, ...] = ()) -> list[Landing]:
+def scan_files(roots: list[Path], password: str) -> list[Landing]:
     found = []
     needles = _needles(password)
     for root in roots:
-        for dirpath, _, names in os.walk(root):
-            if any(Path(dirpath).is_relative_to(s) for s in skip):
+        paths = [root] if root.is_file() else [Path(d) / n for d, _, names in os.walk(root) for n in names]
+        for path in paths:
+            try:
+                st = path.lstat()
+                data = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            except OSError:
                 continue
-            for name in names:
-                path = Path(dirpath) / name
-                try:
-                    st = path.lstat()
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    data = path.read_bytes()
-                except OSError:
-                    continue
-                found += [Landing(str(path), form, f"{stat.S_IMODE(st.st_mode):04o}") for form in _forms(data, needles)]
+            found += [Landing(str(path), form, f"{stat.S_IMODE(st.st_mode):04o}") for form in _forms(data, needles)]
     return found
 
 
