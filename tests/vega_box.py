@@ -293,8 +293,8 @@ def run(work: Path, deliver: str, shared_fs: bool, up_only: bool) -> Summary:
                     for job in JOBS:
                         done = _phase(summary, job, env, "submit", "-p", str(profile), job, "--json")
                         try:
-                            summary.jobs[job] = json.loads(done.stdout.strip().splitlines()[-1])["status"]
-                        except (IndexError, KeyError, ValueError):
+                            summary.jobs[job] = json.loads(done.stdout)["status"]
+                        except (KeyError, ValueError):
                             summary.jobs[job] = f"unknown (exit {done.returncode})"
                         if summary.jobs[job] != "SUCCEEDED":
                             summary.failures.append(f"job {job} is {summary.jobs[job]}")
