@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(
+    case="the MLflow password on interLink's SLURM side (site in a box, hpcray's default delivery)",
+    sees="`make vega-box`: both example jobs SUCCEEDED, and every place the password landed with its mode",
+    remains="the password in one 0400 file per pod under the plugin's job directory (gone with the pod), base64 in "
+            "the plugin's debug log where it logs at debug level, and in the Ray processes' environments; in no env "
+            "file, batch script or SLURM record; after `down` no SLURM job, pod, release, Secret or process")
 def test_make_vega_box_runs_training_and_hpo_and_the_password_lands_only_in_a_0400_file(tmp_path: Path) -> None:
     """Both example jobs SUCCEED on real Ray in SLURM jobs; with hpcray's default delivery on interLink the password
     is in no env file, no batch script, no SLURM record and no debug log line in plaintext: on the HPC side only in
