@@ -119,7 +119,9 @@ def walltime_run(site_box: SiteBox, state: Path,  # noqa: F811
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     """`hpcray run --keep` of a head-only cluster with a one-minute walltime and a job that outlives it, started
     first; checked by the last test. Its cluster is removed afterwards."""
-    profile = box_profile(site_box, tmp_path_factory.mktemp("wall"), "wall", workers={},
+    # a worker group of none: without any group, the chart renders workerGroupSpecs: null, which the CRD refuses
+    profile = box_profile(site_box, tmp_path_factory.mktemp("wall"), "wall",
+                          workers={"cpu": {"replicas": 0, "cpu": "1", "memory": "2G"}},
                           interlink={"slurm": {"time": "1"}}, jobs={"sleeper": {"entrypoint": "sleep 600"}})
     proc = subprocess.Popen([sys.executable, "-m", "hpcray.cli", "run", "--keep", "-p", str(profile), "sleeper"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
