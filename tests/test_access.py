@@ -158,8 +158,8 @@ def cluster(site_box: SiteBox, state: Path, walltime_run: Any,  # noqa: F811
 @pytest.mark.reliability(
     case="bad input: an interLink profile asks the virtual node for GPUs it does not advertise, more CPU than it "
          "has, or names a node that does not exist",
-    sees="`preflight of … against interLink virtual node … failed, nothing was installed: …` naming the resource, "
-         "what is free and the fix (gpu_mode gres, fewer CPUs, interlink.node), exit 2 before helm runs",
+    sees="`preflight of … against interLink virtual node … failed, nothing was installed: …` naming the "
+         "resource, what is free and the fix (gpu_mode gres, fewer CPUs, interlink.node), exit 2 before helm runs",
     remains="nothing: no release, Secret or pod")
 def test_the_preflight_refuses_what_the_virtual_node_cannot_run(site_box: SiteBox, walltime_run: Any,  # noqa: F811
                                                                 tmp_path: Path) -> None:
