@@ -119,7 +119,9 @@ def walltime_run(site_box: SiteBox, state: Path,  # noqa: F811
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     """`hpcray run --keep` of a head-only cluster with a one-minute walltime and a job that outlives it, started
     first; checked by the last test. Its cluster is removed afterwards."""
-    profile = box_profile(site_box, tmp_path_factory.mktemp("wall"), "wall", workers={},
+    # a worker group of none: without any group, the chart renders workerGroupSpecs: null, which the CRD refuses
+    profile = box_profile(site_box, tmp_path_factory.mktemp("wall"), "wall",
+                          workers={"cpu": {"replicas": 0, "cpu": "1", "memory": "2G"}},
                           interlink={"slurm": {"time": "1"}}, jobs={"sleeper": {"entrypoint": "sleep 600"}})
     proc = subprocess.Popen([sys.executable, "-m", "hpcray.cli", "run", "--keep", "-p", str(profile), "sleeper"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -156,8 +158,8 @@ def cluster(site_box: SiteBox, state: Path, walltime_run: Any,  # noqa: F811
 @pytest.mark.reliability(
     case="bad input: an interLink profile asks the virtual node for GPUs it does not advertise, more CPU than it "
          "has, or names a node that does not exist",
-    sees="`preflight of … against interLink virtual node … failed, nothing was installed: …` naming the resource, "
-         "what is free and the fix (gpu_mode gres, fewer CPUs, interlink.node), exit 2 before helm runs",
+    sees="`preflight of … against interLink virtual node … failed, nothing was installed: …` naming the "
+         "resource, what is free and the fix (gpu_mode gres, fewer CPUs, interlink.node), exit 2 before helm runs",
     remains="nothing: no release, Secret or pod")
 def test_the_preflight_refuses_what_the_virtual_node_cannot_run(site_box: SiteBox, walltime_run: Any,  # noqa: F811
                                                                 tmp_path: Path) -> None:
@@ -278,6 +280,44 @@ def test_pod_vpn_without_a_bootstrap_is_diagnosed_not_waited_out(site_box: SiteB
     while site_box.api.list("pods", labels="ray.io/cluster=novpn-kuberay") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not site_box.api.list("pods", labels="ray.io/cluster=novpn-kuberay")
+
+
+@pytest.mark.reliability(
+    case="fault: sbatch refuses the pods' SLURM jobs (an unknown partition)",
+    sees="`up` stops waiting at once: `… cannot start: … interLink could not start its SLURM job (ProviderFailed: "
+         "… sbatch: error: invalid partition specified: nosuch …); fix what sbatch or the plugin says …`, exit 4",
+    remains="nothing with --down-on-failure")
+def test_an_sbatch_refusal_ends_up_at_once_in_interlinks_words(site_box: SiteBox, state: Path,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    assert site_box.api
+    profile = box_profile(site_box, tmp_path, "nopart", interlink={"slurm": {"time": "10", "partition": "nosuch"}})
+    started = time.monotonic()
+    done = hpcray("up", "-p", str(profile), "--down-on-failure")
+    assert done.returncode == 4 and time.monotonic() - started < 60, done.stderr
+    line = last_line(done)
+    assert "nopart cannot start" in line and "interLink could not start its SLURM job (ProviderFailed: " in line
+    assert "sbatch: error: invalid partition specified: nosuch" in line, line
+    assert not site_box.api.list("secrets", labels="owner=helm,name=nopart")
+
+
+@pytest.mark.parametrize("status, said", [
+    ({"phase": "Failed", "reason": "ProviderFailed", "message": "sbatch: error: Invalid account"},
+     "interLink could not start its SLURM job (ProviderFailed: sbatch: error: Invalid account)"),
+    ({"phase": "Pending", "reason": "ProviderFailed", "message": "node podCIDR not found"},
+     "(ProviderFailed: node podCIDR not found)"),
+    ({"phase": "Failed", "containerStatuses": [{"name": "ray-head", "state": {"terminated": {
+        "reason": "SlurmJobTimeout", "exitCode": 0}}}]}, "reached the walltime and was killed (SlurmJobTimeout"),
+    ({"phase": "Failed", "containerStatuses": [{"name": "ray-worker", "state": {"terminated": {
+        "reason": "OOMKilled", "exitCode": 137}}}]}, "ran out of memory (OOMKilled, container ray-worker); raise"),
+    ({"phase": "Failed", "containerStatuses": [{"name": "ray-head", "state": {"terminated": {
+        "reason": "Error: 1", "exitCode": 1}}}]}, "its SLURM job ended (container ray-head exited with code 1"),
+    ({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}, None),
+])
+def test_a_pod_on_the_virtual_node_in_interlinks_words(status: dict[str, Any], said: str | None) -> None:
+    from hpcray.interlink import pod_problem
+
+    problem = pod_problem({"metadata": {"name": "p", "labels": {}}, "spec": {}, "status": status})
+    assert problem == said if said is None else said in (problem or "")
 
 
 def test_run_works_with_auto_and_tears_the_cluster_down(site_box: SiteBox, cluster: Path) -> None:  # noqa: F811
