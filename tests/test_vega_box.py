@@ -91,3 +91,27 @@ def test_the_fake_plugin_writes_a_secret_volume_as_interlinks_does(slurm_cluster
             assert secret in plugin.config.env.values()
     finally:
         plugin.delete(pod)
+
+
+@pytest.mark.parametrize("interlink, deliver, read_as", [
+    (True, "secret", "file"), (True, "secret_env", "env"), (False, "secret", "env"), (False, "secret_file", "file")])
+def test_the_credential_plan_reads_the_secret_as_a_0400_file_on_interlink(tmp_path: Path, interlink: bool,
+                                                                        deliver: str, read_as: str) -> None:
+    """One rule: on interLink the Secret is a volume (its plugin writes env values into 0644 files), elsewhere
+    variables; `mlflow.deliver` forces either way. The rendered pods follow it."""
+    from hpcray.profile import load_profile
+    from hpcray.render import credentials_volume, mlflow_env
+    from hpcray.tracking import credential_plan
+
+    node = "interlink: {enabled: true, node: vk, pod_vpn: false}\n" if interlink else ""
+    (tmp_path / "p.yaml").write_text("name: p\nbackend: kuberay\nimage: {dir: /sif}\nhead: {cpu: '1', memory: 2G}\n"
+                                     f"{node}mlflow: {{tracking_uri: 'https://mlflow.example', deliver: {deliver}}}\n")
+    p = load_profile(str(tmp_path / "p.yaml"))
+    assert credential_plan(p).secret_as == read_as
+    env = {e["name"] for e in mlflow_env(p)}
+    mounted = credentials_volume(p)
+    if read_as == "file":
+        assert "MLFLOW_TRACKING_PASSWORD" not in env and mounted is not None
+        assert mounted[0]["secret"] == {"secretName": "p-hpcray-mlflow", "defaultMode": 0o400}
+    else:
+        assert "MLFLOW_TRACKING_PASSWORD" in env and mounted is None
