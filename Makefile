@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test render up submit down run status pull sif docs wheel bench bench-gpu clean help
+.PHONY: install demo test vega-box render up submit down run status pull sif docs wheel bench bench-gpu clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ demo: install  ## the main job: local Ray + MLflow, training then HPO, everythin
 
 test: install .tools/helm3/helm .tools/helm4/helm  ## the test suite (real Ray, MLflow, helm 3+4, SLURM where installed)
 	HPCRAY_HELM3=$$PWD/.tools/helm3/helm HPCRAY_HELM4=$$PWD/.tools/helm4/helm $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+vega-box: install .tools/helm3/helm  ## the Vega flow on the site in a box (interLink over real SLURM; root): pull, up, training + HPO, down, where the MLflow password landed
+	HPCRAY_HELM=$$PWD/.tools/helm3/helm $(BIN)/python -m tests.vega_box $(VEGA_BOX_ARGS)
 
 render: install  ## print the Helm values of PROFILE
 	$(BIN)/hpcray render --profile $(PROFILE)

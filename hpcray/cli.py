@@ -246,13 +246,32 @@ address_option = click.option(
          "http://127.0.0.1:8265 ($RAY_API_SERVER_ADDRESS). Default: the profile's cluster.")
 
 
+def _check_access(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from hpcray.profile import access_problem
+
+    if value is not None and (problem := access_problem(value, "kuberay")):
+        raise click.BadParameter(problem, param_hint="--access")
+    return value
+
+
+access_option = click.option(
+    "--access", metavar="WAY", callback=_check_access,
+    help="How to reach the cluster's Jobs API: auto, port-forward, service-proxy (through the Kubernetes API "
+         "server, with the kubeconfig's credentials) or an http(s) URL such as an Ingress (default: the profile's "
+         "access key, auto: the service proxy for a head on an interLink virtual node, a port-forward otherwise).")
+skip_preflight_option = click.option(
+    "--skip-preflight", is_flag=True,
+    help="Don't check interLink's virtual node (Ready, taints, free CPU/memory/GPUs, PodCIDR) before helm runs.")
+
+
 @contextlib.contextmanager
-def _jobs_api(profile_ref: str, address: str | None) -> Iterator[JobsApi]:
-    """The Jobs API at --address (the profile is not read), else of the profile's cluster."""
+def _jobs_api(profile_ref: str, address: str | None, access: str | None = None) -> Iterator[JobsApi]:
+    """The Jobs API at --address (the profile is not read), else of the profile's cluster, reached as --access (else
+    the profile's access) says."""
     from hpcray import flows
     from hpcray.profile import load_profile
 
-    with flows.jobs_api(None if address else load_profile(profile_ref), address, echo_err) as api:
+    with flows.jobs_api(None if address else load_profile(profile_ref), address, echo_err, access) as api:
         yield api
 
 
@@ -312,6 +331,7 @@ def _print_submission(s: Submit, as_json: bool) -> None:
 @cli.command(cls=_EntrypointCommand)
 @profile_option
 @address_option
+@access_option
 @click.argument("job_args", metavar="[JOB | -- ENTRYPOINT...]", nargs=-1)
 @click.option("--working-dir", metavar="DIR", help="Directory uploaded with the job (replaces the job's).")
 @click.option("--requirements", metavar="FILE", help="pip requirements file installed for the job.")
@@ -332,7 +352,7 @@ def _print_submission(s: Submit, as_json: bool) -> None:
                                               "nothing.")
 @json_option
 @click.pass_context
-def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: tuple[str, ...],
+def submit(ctx: click.Context, profile_ref: str, address: str | None, access: str | None, job_args: tuple[str, ...],
            working_dir: str | None, requirements: str | None, pip: tuple[str, ...], wheels: tuple[str, ...],
            env_pairs: tuple[str, ...], runtime_env_json: str | None, num_cpus: float | None, num_gpus: float | None,
            submission_id: str | None, no_wait: bool, on_interrupt: str, dry_run: bool, as_json: bool) -> None:
@@ -362,7 +382,7 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
     if dry_run:
         _print_submission(s, as_json)
         return
-    with flows.submitted(s, address=address, progress=echo_err, warn=echo_err) as (api, job_id):
+    with flows.submitted(s, address=address, access=access, progress=echo_err, warn=echo_err) as (api, job_id):
         if no_wait:
             if as_json:
                 print_json({"submission_id": job_id, "address": api.address})
@@ -381,14 +401,15 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, job_args: 
 @cli.command()
 @profile_option
 @address_option
+@access_option
 @click.argument("job_id", metavar="ID")
 @click.option("-f", "--follow", is_flag=True, help="Follow the logs until the job ends; exit code mirrors the job.")
-def logs(profile_ref: str, address: str | None, job_id: str, follow: bool) -> None:
+def logs(profile_ref: str, address: str | None, access: str | None, job_id: str, follow: bool) -> None:
     """Print a job's logs (like `ray job logs`)."""
     from hpcray import flows
     from hpcray.jobs import exit_code
 
-    with _jobs_api(profile_ref, address) as api:
+    with _jobs_api(profile_ref, address, access) as api:
         if not follow:
             click.echo(api.logs(job_id), nl=False)
             return
@@ -399,25 +420,27 @@ def logs(profile_ref: str, address: str | None, job_id: str, follow: bool) -> No
 @cli.command()
 @profile_option
 @address_option
+@access_option
 @click.argument("job_id", metavar="ID")
 @click.option("--no-wait", is_flag=True, help="Ask Ray to stop the job and return at once.")
-def stop(profile_ref: str, address: str | None, job_id: str, no_wait: bool) -> None:
+def stop(profile_ref: str, address: str | None, access: str | None, job_id: str, no_wait: bool) -> None:
     """Stop a job (SIGTERM, then SIGKILL) and wait until it has stopped."""
     from hpcray import jobs
 
-    with _jobs_api(profile_ref, address) as api:
+    with _jobs_api(profile_ref, address, access) as api:
         click.echo(f"job {job_id} {jobs.stop(api, job_id, wait=not no_wait)}")
 
 
 @cli.command("list")
 @profile_option
 @address_option
+@access_option
 @json_option
-def list_cmd(profile_ref: str, address: str | None, as_json: bool) -> None:
+def list_cmd(profile_ref: str, address: str | None, access: str | None, as_json: bool) -> None:
     """List the cluster's jobs (secret-looking env var values shown as ******)."""
     from hpcray import jobs
 
-    with _jobs_api(profile_ref, address) as api:
+    with _jobs_api(profile_ref, address, access) as api:
         found = jobs.list_jobs(api)
     if as_json:
         print_json(found)
@@ -426,10 +449,10 @@ def list_cmd(profile_ref: str, address: str | None, as_json: bool) -> None:
             click.echo(line)
 
 
-def _job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
+def _job_status(profile_ref: str, address: str | None, access: str | None, job_id: str, as_json: bool) -> None:
     from hpcray import jobs
 
-    with _jobs_api(profile_ref, address) as api:
+    with _jobs_api(profile_ref, address, access) as api:
         info = jobs.status_of(api, job_id)
     if as_json:
         print_json(info)
@@ -440,11 +463,12 @@ def _job_status(profile_ref: str, address: str | None, job_id: str, as_json: boo
 @cli.command("job-status")
 @profile_option
 @address_option
+@access_option
 @click.argument("job_id", metavar="ID")
 @json_option
-def job_status(profile_ref: str, address: str | None, job_id: str, as_json: bool) -> None:
+def job_status(profile_ref: str, address: str | None, access: str | None, job_id: str, as_json: bool) -> None:
     """A job's status and Ray's message about it (like `ray job status`)."""
-    _job_status(profile_ref, address, job_id, as_json)
+    _job_status(profile_ref, address, access, job_id, as_json)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,11 +531,13 @@ def _print_plan(plan: Plan) -> None:
 @click.option("--port-forward", is_flag=True, help="Once ready, make the dashboard reachable here (a port-forward "
                                                    "where the cluster needs one) until Ctrl-C.")
 @click.option("--port", type=int, default=8265, show_default=True, help="Local port for --port-forward (0: any).")
+@access_option
+@skip_preflight_option
 @click.option("--dry-run", is_flag=True, help="Print what would be done (the helm command and values, the head "
                                               "that would start); touch nothing.")
 @json_option
 def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: bool, port_forward: bool, port: int,
-       dry_run: bool, as_json: bool) -> None:
+       access: str | None, skip_preflight: bool, dry_run: bool, as_json: bool) -> None:
     """Start the profile's Ray cluster and wait until the head and every worker are Ready.
 
     \b
@@ -525,19 +551,21 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
     p = load_profile(profile_ref)
     timeout_s, ttl_s = _optional_duration(timeout, "--timeout"), _optional_duration(ttl, "--ttl")
     if dry_run:
-        plan = flows.plan_up(p, ttl_s=ttl_s, warn=echo_err)
+        plan = flows.plan_up(p, ttl_s=ttl_s, skip_preflight=skip_preflight, access=access, warn=echo_err)
         if as_json:
             print_json(plan.to_json())
         else:
             _print_plan(plan)
         return
-    status = flows.up(p, timeout_s=timeout_s, ttl_s=ttl_s, down_on_failure=down_on_failure, progress=echo_err)
+    status = flows.up(p, timeout_s=timeout_s, ttl_s=ttl_s, down_on_failure=down_on_failure,
+                      skip_preflight=skip_preflight, access=access, progress=echo_err)
     if as_json:
         print_json(status.to_json())
     else:
         _print_cluster(status)
     if port_forward:
-        flows.dashboard(p, port=port, progress=echo_err, on_ready=lambda url: click.echo(f"dashboard: {url}"))
+        flows.dashboard(p, port=port, progress=echo_err, on_ready=lambda url: click.echo(f"dashboard: {url}"),
+                        access=access)
     elif status.address is None and not as_json:
         click.echo(f"dashboard: `hpcray dashboard -p {profile_ref}` makes it reachable on this machine")
 
@@ -564,12 +592,14 @@ def down(profile_ref: str, timeout: str, dry_run: bool) -> None:
 @click.argument("job_id", required=False)
 @profile_option
 @address_option
+@access_option
 @click.option("--all", "all_releases", is_flag=True, help="Every hpcray release in the profile's kube context.")
 @json_option
-def status(job_id: str | None, profile_ref: str, address: str | None, all_releases: bool, as_json: bool) -> None:
+def status(job_id: str | None, profile_ref: str, address: str | None, access: str | None, all_releases: bool,
+           as_json: bool) -> None:
     """Show the profile's cluster (pods, age, GPUs, expiry), every hpcray release with --all, or a job by JOB_ID."""
     if job_id is not None:
-        _job_status(profile_ref, address, job_id, as_json)
+        _job_status(profile_ref, address, access, job_id, as_json)
         return
     from hpcray import flows
     from hpcray.profile import load_profile
@@ -616,14 +646,15 @@ def gc(profile_ref: str, dry_run: bool, as_json: bool) -> None:
 @profile_option
 @click.option("--port", type=int, default=8265, show_default=True,
               help="Local port of the forward to the head's dashboard (0: any free one), where one is needed.")
-def dashboard(profile_ref: str, port: int) -> None:
+@access_option
+def dashboard(profile_ref: str, port: int, access: str | None) -> None:
     """Make the head's dashboard reachable on 127.0.0.1 and print its address: a port-forward to the head pod until
     Ctrl-C, reconnecting when it drops (kuberay), or the local head's own port."""
     from hpcray import flows
     from hpcray.profile import load_profile
 
     flows.dashboard(load_profile(profile_ref), port=port, progress=echo_err,
-                    on_ready=lambda url: click.echo(f"dashboard: {url}"))
+                    on_ready=lambda url: click.echo(f"dashboard: {url}"), access=access)
 
 
 def _print_run_plan(plan: RunPlan, as_json: bool) -> None:
@@ -645,11 +676,13 @@ def _print_run_plan(plan: RunPlan, as_json: bool) -> None:
 @click.argument("job_names", metavar="JOB...", nargs=-1, required=True)
 @click.option("--keep", is_flag=True, help="Leave the cluster up afterwards (default: tear it down).")
 @click.option("--timeout", metavar="DUR", help="How long to wait for the cluster (default: the profile's timeout).")
+@access_option
+@skip_preflight_option
 @click.option("--dry-run", is_flag=True, help="Print what would be brought up, submitted and torn down; touch "
                                               "nothing.")
 @json_option
-def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, dry_run: bool,
-            as_json: bool) -> None:
+def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, access: str | None,
+            skip_preflight: bool, dry_run: bool, as_json: bool) -> None:
     """Bring the profile's cluster up, run each JOB of the profile in turn, and tear the cluster down.
 
     \b
@@ -663,10 +696,11 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
     p = load_profile(profile_ref)
     timeout_s = _optional_duration(timeout, "--timeout")
     if dry_run:
-        _print_run_plan(flows.plan_run(p, list(job_names), keep=keep, warn=echo_err), as_json)
+        _print_run_plan(flows.plan_run(p, list(job_names), keep=keep, skip_preflight=skip_preflight, access=access,
+                                       warn=echo_err), as_json)
         return
     report = flows.run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep,
-                       timeout_s=timeout_s)
+                       timeout_s=timeout_s, skip_preflight=skip_preflight, access=access)
     if as_json:
         print_json(report.to_json())
     else:

@@ -126,3 +126,14 @@ class JobsApiRefused(ClusterError):
 
 class RayApiMoved(HpcrayError):
     """The installed Ray lacks the packaging helpers hpcray uploads working dirs with (outside the tested range)."""
+
+
+class AccessRefused(ClusterError):
+    """The way to the Jobs API asked for cannot work for this cluster (a port-forward to a pod on an interLink
+    virtual node, whose kubelet answers 501; a Kubernetes-only mode for the local backend); the message names the
+    ones that work."""
+
+
+class PreflightFailed(HpcrayError):
+    """The interLink virtual node cannot run the cluster as the profile asks (missing, NotReady, a taint not
+    tolerated, too little CPU/memory/GPU, no PodCIDR for pod-vpn); checked before helm runs, nothing installed."""

@@ -62,6 +62,11 @@ def _credentials(plan: CredentialPlan, *, dry_run: bool, warn: Say) -> Credentia
         return placeholder
 
 
+def _access(p: Profile, access: str | None) -> str:
+    """The way to the Jobs API: --access, else the profile's `access`."""
+    return access or p.access
+
+
 def _tracked(p: Profile, tracking_uri: str | None) -> Profile:
     """The profile with the tracking URI its cluster's jobs log to (a local MLflow server is known once it runs)."""
     if tracking_uri == p.mlflow.tracking_uri:
@@ -74,19 +79,22 @@ def _tracked(p: Profile, tracking_uri: str | None) -> Profile:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def plan_up(p: Profile, *, ttl_s: float | None = None, warn: Say) -> Plan:
+def plan_up(p: Profile, *, ttl_s: float | None = None, skip_preflight: bool = False, access: str | None = None,
+            warn: Say) -> Plan:
     plan = credential_plan(p)
     credentials = _credentials(plan, dry_run=True, warn=warn) if plan.in_cluster else None
-    return backend_for(p).plan(credentials=credentials, ttl_s=_ttl(p, ttl_s), warn=warn)
+    return backend_for(p).plan(credentials=credentials, ttl_s=_ttl(p, ttl_s), warn=warn, preflight=not skip_preflight,
+                               access=_access(p, access))
 
 
 def up(p: Profile, *, timeout_s: float | None = None, ttl_s: float | None = None, down_on_failure: bool = False,
-       progress: Say) -> ClusterStatus:
-    """Bring the cluster up (timeout and ttl default to the profile's) with the credentials it gives its jobs."""
+       skip_preflight: bool = False, access: str | None = None, progress: Say) -> ClusterStatus:
+    """Bring the cluster up (timeout and ttl default to the profile's) with the credentials it gives its jobs;
+    the virtual node's preflight first, unless skipped; done once the Jobs API answers through the access asked for."""
     plan = credential_plan(p)
     return backend_for(p).up(timeout=_timeout(p, timeout_s), progress=progress,
                              credentials=plan.load() if plan.in_cluster else None, ttl_s=_ttl(p, ttl_s),
-                             down_on_failure=down_on_failure)
+                             down_on_failure=down_on_failure, preflight=not skip_preflight, access=_access(p, access))
 
 
 def plan_down(p: Profile) -> Plan:
@@ -116,8 +124,9 @@ def gc(p: Profile, *, dry_run: bool, progress: Say) -> list[Expired]:
     return kuberay_fleet.gc(targets.kube_target(p), dry_run=dry_run, progress=progress)
 
 
-def dashboard(p: Profile, *, port: int, progress: Say, on_ready: Callable[[str], None]) -> None:
-    backend_for(p).dashboard(port=port, progress=progress, on_ready=on_ready)
+def dashboard(p: Profile, *, port: int, progress: Say, on_ready: Callable[[str], None],
+              access: str | None = None) -> None:
+    backend_for(p).dashboard(port=port, progress=progress, on_ready=on_ready, access=_access(p, access))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,14 +135,16 @@ def dashboard(p: Profile, *, port: int, progress: Say, on_ready: Callable[[str],
 
 
 @contextlib.contextmanager
-def jobs_api(p: Profile | None, address: str | None, progress: Say) -> Iterator[jobs.JobsApi]:
-    """The Jobs API at `address`, else of the profile's cluster through its backend's access (a port-forward of this
-    command's own where the cluster needs one), valid while the block runs."""
+def jobs_api(p: Profile | None, address: str | None, progress: Say,
+             access: str | None = None) -> Iterator[jobs.JobsApi]:
+    """The Jobs API at `address`, else of the profile's cluster through its backend's access (`access`, else the
+    profile's: a port-forward of this command's own, the API server's service proxy, a URL), valid while the block
+    runs."""
     if address:
         yield jobs.JobsApi(address)
         return
     assert p is not None, "a profile or an address"
-    with backend_for(p).access(progress) as endpoint:
+    with backend_for(p).access(progress, _access(p, access)) as endpoint:
         yield jobs.JobsApi(endpoint)
 
 
@@ -182,12 +193,12 @@ def _submission(p: Profile, name: str | None, spec: JobSpec, plan: CredentialPla
 
 
 @contextlib.contextmanager
-def submitted(s: Submit, *, address: str | None = None, progress: Say,
+def submitted(s: Submit, *, address: str | None = None, access: str | None = None, progress: Say,
               warn: Say) -> Iterator[tuple[jobs.JobsApi, str]]:
     """Check MLflow (before anything is queued), open the way to the cluster, submit: the Jobs API (valid while the
     block runs) and the submission id."""
     preflight(s.profile, s.credentials)
-    with jobs_api(s.profile, address, progress) as api:
+    with jobs_api(s.profile, address, progress, access) as api:
         yield api, jobs.submit(api, s.submission, image_ray_version=s.profile.image.ray_version, progress=progress,
                                warn=warn)
 
@@ -326,12 +337,14 @@ class RunPlan:
     then: str
 
 
-def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, warn: Say) -> RunPlan:
+def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, skip_preflight: bool = False,
+             access: str | None = None, warn: Say) -> RunPlan:
     jobs.check_names(p, job_names)
     plan = credential_plan(p)
     credentials = _credentials(plan, dry_run=True, warn=warn)
     backend = backend_for(p)
-    up_plan = backend.plan(credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None), warn=warn)
+    up_plan = backend.plan(credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None), warn=warn,
+                           preflight=not skip_preflight, access=_access(p, access))
     tracked = _tracked(p, backend.tracking_uri())
     submissions = [_submission(tracked, name, jobs.job_spec(p, name, []), plan, credentials, None, warn)
                    for name in job_names]
@@ -341,7 +354,7 @@ def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, warn: Say)
 
 
 def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool = False,
-        timeout_s: float | None = None) -> RunReport:
+        timeout_s: float | None = None, skip_preflight: bool = False, access: str | None = None) -> RunReport:
     """Run the named jobs of the profile on a fresh (or existing) cluster; what happened to each."""
     jobs.check_names(p, job_names)
     specs = {name: jobs.job_spec(p, name, []) for name in job_names}
@@ -354,16 +367,17 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
     api: jobs.JobsApi | None = None
     current: JobResult | None = None
     report = RunReport(p.name, results, p.mlflow.tracking_uri, torn_down=False)
-    access = contextlib.ExitStack()  # a port-forward to the head, where the backend needs one
+    way = contextlib.ExitStack()  # a port-forward to the head, where the backend needs one
     try:
         with _signals_raise():
             backend.up(timeout=_timeout(p, timeout_s), progress=say,
-                       credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None))
+                       credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None),
+                       preflight=not skip_preflight, access=_access(p, access))
             tracked = _tracked(p, backend.tracking_uri())
             report.tracking_uri = tracked.mlflow.tracking_uri
             if not p.mlflow.tracking_uri:
                 preflight(tracked, credentials)  # a server the backend started
-            api = jobs.JobsApi(access.enter_context(backend.access(say)))
+            api = jobs.JobsApi(way.enter_context(backend.access(say, _access(p, access))))
             for result in results:
                 sub = _submission(tracked, result.name, specs[result.name], plan, credentials, None, say).submission
                 current = result
@@ -391,7 +405,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                     current.status = jobs.stop(api, current.submission_id, wait=True, timeout=15)
                 except HpcrayError as exc:
                     say(f"hpcray: could not stop job {current.submission_id}: {exc}")
-            access.close()
+            way.close()
             if keep:
                 say(f"--keep: cluster {p.name} stays up; remove it with "
                     f"`hpcray down --profile {profile_ref(p.source)}`")

@@ -341,6 +341,91 @@ def node_problem(kube: Kube, node: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Nodes (interLink's virtual node) and what the pods on one ask for
+# ---------------------------------------------------------------------------------------------------------------
+
+VIRTUAL_NODE_TAINT = "virtual-node.interlink/no-schedule"
+
+
+def read_node(kube: Kube, name: str) -> Obj | None:
+    """The Node, or None when there is none of that name; KubeError when it cannot be read (nodes are
+    cluster-scoped: many users may not read them)."""
+    from kubernetes.client.rest import ApiException
+
+    with api_errors(kube, f"read node {name}"):
+        try:
+            return kube.request("GET", "/api/v1/nodes/{name}", name=name, timeout=10)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+def is_virtual_node(node: Obj) -> bool:
+    """An interLink virtual node: its virtual kubelet serves no port-forward, exec or attach (501)."""
+    labels = node["metadata"].get("labels") or {}
+    taints = (node.get("spec") or {}).get("taints") or []
+    return ("virtual-kubelet" in (labels.get("virtual-node.interlink/type"), labels.get("type"))
+            or any(t.get("key") == VIRTUAL_NODE_TAINT for t in taints))
+
+
+def node_ready(node: Obj) -> tuple[bool, str]:
+    """Whether the node's Ready condition is True, and its reason and message when not."""
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c["type"] == "Ready":
+            why = ": ".join(x for x in (c.get("reason"), c.get("message")) if x) or "no reason given"
+            return c.get("status") == "True", why
+    return False, "it reports no Ready condition"
+
+
+def pods_on_node(kube: Kube, node: str) -> list[Obj]:
+    """Every pod bound to the node, in all namespaces (what the scheduler counts against its allocatable)."""
+    with api_errors(kube, f"list the pods on node {node}"):
+        return kube.request("GET", "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node}"})["items"]
+
+
+def pod_log_tail(kube: Kube, pod: str, container: str, lines: int = 50) -> str:
+    """The last lines of a container's log ("" when the kubelet serves none)."""
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        response = kube.request("GET", "/api/v1/namespaces/{ns}/pods/{name}/log", ns=kube.namespace, name=pod,
+                                query={"container": container, "tailLines": lines}, timeout=10, stream=True)
+        return response.data.decode("utf-8", "replace")
+    except (ApiException, HTTPError, OSError):
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API server's service proxy: a Service's port through the API server, with the kubeconfig's credentials
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def service_proxy(kube: Kube, service: str, port: int) -> Any:
+    """An hpcray.http.Endpoint for `port` of `service` through the API server
+    (`/api/v1/namespaces/NS/services/http:NAME:PORT/proxy`), carrying the kubeconfig's credentials: its bearer
+    token (as a Secret), its client certificate and the CA it trusts."""
+    import ssl
+
+    from hpcray.http import Endpoint
+
+    c = kube.api.configuration
+    headers: dict[str, str | Secret] = {}
+    token = (c.auth_settings().get("BearerToken") or {}).get("value")  # refreshes an exec plugin's token
+    if token:
+        headers["Authorization"] = Secret(token)
+    context = None
+    if c.host.startswith("https://"):
+        context = ssl.create_default_context(cafile=c.ssl_ca_cert) if c.verify_ssl else \
+            ssl._create_unverified_context()  # the kubeconfig's insecure-skip-tls-verify
+        if c.cert_file:
+            context.load_cert_chain(c.cert_file, c.key_file)
+    base = f"{c.host.rstrip('/')}/api/v1/namespaces/{kube.namespace}/services/http:{service}:{port}/proxy"
+    return Endpoint(base, headers, context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Watching pods until a condition holds
 # ---------------------------------------------------------------------------------------------------------------
 

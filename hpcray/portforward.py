@@ -21,19 +21,22 @@ class ReadyPod:
 
     def __init__(self, k: kube.Kube, selector: str) -> None:
         self.k, self.selector = k, selector
-        self._name: str | None = None
+        self._state: kube.PodState | None = None
 
-    def name(self) -> str:
-        if self._name is None:
+    def state(self) -> kube.PodState:
+        if self._state is None:
             ready = [s for s in map(kube.pod_state, kube.list_pods(self.k, self.selector)) if s.ready]
             if not ready:
                 raise ClusterError(f"no Ready head pod ({self.selector}) in namespace {self.k.namespace}; is the "
                                    "cluster up? (`hpcray status`)")
-            self._name = ready[0].name
-        return self._name
+            self._state = ready[0]
+        return self._state
+
+    def name(self) -> str:
+        return self.state().name
 
     def forget(self) -> None:
-        self._name = None
+        self._state = None
 
 
 def to_pod(k: kube.Kube, selector: str, port: int, *, local_port: int = 0, notice: Notice) -> Relay:

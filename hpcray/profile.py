@@ -194,9 +194,12 @@ class MlflowSpec:
         "env", "Where the username/password come from: MLFLOW_TRACKING_USERNAME/PASSWORD, a 0600 file, or stdin.")
     credentials_file: str | None = opt(None, "File with `username=` and `password=` lines (mode 0600).",
                                        "~/.config/hpcray/mlflow.cred")
-    deliver: Literal["secret", "runtime_env"] = opt(
-        "secret", "How credentials reach Ray processes: a Kubernetes Secret / the local head's environment, or "
-                  "(opt-in, readable by anyone who reaches the dashboard) the job's runtime_env.")
+    deliver: Literal["secret", "secret_file", "secret_env", "runtime_env"] = opt(
+        "secret", "How credentials reach Ray processes. `secret`: a Kubernetes Secret (kuberay; the local head's "
+                  "environment with backend local), read as a 0400 file on interLink (its plugin writes env "
+                  "values into a 0644 file and its debug log) and as variables elsewhere; `secret_file` / "
+                  "`secret_env` force either way; `runtime_env` (opt-in, readable by anyone who reaches the "
+                  "dashboard): the job's runtime_env.")
 
 
 @dataclass
@@ -270,6 +273,13 @@ class Profile:
                                "my-values.yaml.j2")
     values: dict[str, Any] = opt(doc="Raw Helm values merged over the rendered ones (escape hatch).",
                                  example={"service": {"type": "NodePort"}}, factory=dict)
+    access: str = opt("auto", "How hpcray reaches the cluster's Jobs API (dashboard): `auto` (a port-forward to the "
+                              "head pod where its node has a real kubelet, the API server's service proxy where it is "
+                              "an interLink virtual node, whose kubelet refuses port-forward), `port-forward`, "
+                              "`service-proxy`, `relay` (a small pod on a regular node forwarding to the head's "
+                              "Service, made and removed with the release) or an http(s) URL (an Ingress of the "
+                              "dashboard). The local backend takes `auto` or a URL. `--access` overrides it.",
+                      "service-proxy")
     ttl: str | None = opt(None, "Default lifetime of a cluster; `hpcray gc` removes expired ones.", "6h")
     timeout: str = opt("2h", "How long `up` waits for the cluster to be ready (HPC queues are slow).", "30m")
 
@@ -709,6 +719,22 @@ def whole_cpus_problem(cpu: str) -> str | None:
             f"--cpus-per-task={up}: write {up} (or {up - 1})")
 
 
+ACCESS_MODES = ("auto", "port-forward", "service-proxy", "relay")
+
+
+def access_problem(value: str, backend: str) -> str | None:
+    """Why `value` is no way to a `backend` cluster's Jobs API, or None when it is one (profile key and --access)."""
+    if value.startswith(("http://", "https://")):
+        return None if len(value.split("://", 1)[1].strip("/")) else f"{value!r} has no host; give e.g. " \
+                                                                      "https://ray.example.org"
+    if value not in ACCESS_MODES:
+        return f"{value!r} is not one of {', '.join(ACCESS_MODES)} or an http(s):// URL"
+    if backend == "local" and value != "auto":
+        return (f"{value!r} is for a cluster on Kubernetes; the local backend's head is on this machine: use auto "
+                "(or the dashboard's URL)")
+    return None
+
+
 def check_profile(p: Profile) -> None:
     def fail(key: str, problem: str) -> typing.NoReturn:
         line = p.key_lines.get(key) or p.key_lines.get(key.split("[")[0])
@@ -723,6 +749,8 @@ def check_profile(p: Profile) -> None:
                 parse_duration(value)
             except ValueError as exc:
                 fail(key, str(exc))
+    if problem := access_problem(p.access, p.backend):
+        fail("access", problem)
     if p.chart.path:
         chart = p.resolve_path(p.chart.path)
         if not chart.is_file():

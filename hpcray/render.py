@@ -16,6 +16,8 @@ from hpcray.state import QUIET_ENV
 VIRTUAL_NODE_TOLERATION = {"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"}
 PROFILE_LABEL = "hpcray.io/profile"
 HOST_PATH_TYPES = ("Directory", "DirectoryOrCreate")  # the only hostPath types interLink's SLURM plugin binds
+CREDENTIALS_VOLUME = "hpcray-mlflow"
+CREDENTIALS_DIR = "/tmp/hpcray-mlflow"  # under /tmp: a fresh directory in the container with singularity --containall
 
 
 @dataclass
@@ -76,10 +78,25 @@ def mlflow_env(p: Profile) -> list[dict[str, Any]]:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": p.mlflow.tracking_uri})
         env.append({"name": "MLFLOW_EXPERIMENT_NAME", "value": p.mlflow.experiment})
     plan = credential_plan(p)
-    if plan.where == "secret":
+    if plan.where == "secret" and plan.secret_as == "env":
         for var, key in SECRET_KEYS.items():
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": plan.secret_name, "key": key}}})
     return env
+
+
+def credentials_volume(p: Profile) -> tuple[dict[str, Any], dict[str, Any], str] | None:
+    """With the credential plan's Secret read as a file: the Secret volume (mode 0400), its mount, and the shell
+    line the Ray container runs before `ray start` (KubeRay runs the container's command, then `&& ray start`) to
+    put the credentials into the environment of the Ray processes, which the jobs inherit. None otherwise."""
+    from hpcray.tracking import SECRET_KEYS, credential_plan
+
+    plan = credential_plan(p)
+    if plan.where != "secret" or plan.secret_as != "file":
+        return None
+    volume = {"name": CREDENTIALS_VOLUME, "secret": {"secretName": plan.secret_name, "defaultMode": 0o400}}
+    mount = {"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_DIR, "readOnly": True}
+    reads = " && ".join(f"{var}=$(cat {CREDENTIALS_DIR}/{key})" for var, key in SECRET_KEYS.items())
+    return volume, mount, f"{reads} && export {' '.join(SECRET_KEYS)} || exit 1"
 
 
 def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") -> dict[str, Any]:
@@ -133,8 +150,15 @@ def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") ->
         volumes.append({"name": v.name, **source})
         mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only})
 
+    command: list[str] = []
+    if (credentials := credentials_volume(p)) is not None:
+        volumes.append(credentials[0])
+        mounts.append(credentials[1])
+        command = [credentials[2]]
+
     env += [{"name": k, "value": v} for k, v in g.env.items()]
     values: dict[str, Any] = {
+        "command": command,
         "ray_start_params": params,
         "env": env,
         "resources": {"limits": limits, "requests": requests},

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZ)")  # TOKENIZERS_PARALLELISM is common and harmless
+
+
+def is_secret_name(name: str) -> bool:
+    """A variable name that looks like it holds a secret."""
+    return bool(_SECRET_NAME.search(name.upper()))
 
 
 class Secret:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcray.errors import SlurmError, SlurmTimeout, ToolMissing
+from hpcray.secrets import is_secret_name
 from hpcray.waiting import Deadline
 
 # States after which a job never runs again. COMPLETING is not one: its processes may still be cleaning up.
@@ -81,8 +83,11 @@ def tool(name: str) -> str:
 
 
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a SLURM command in this environment less its secret-looking variables: sbatch's default --export=ALL
+    copies the environment into the job, where SLURM keeps it in its state directory for the job's life."""
+    env = {k: v for k, v in os.environ.items() if not is_secret_name(k)}
     try:
-        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60, env=env)
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{Path(args[0]).name} did not answer within 60 s; is slurmctld up? (`scontrol ping`)") \
             from None

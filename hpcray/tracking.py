@@ -40,7 +40,10 @@ class CredentialPlan:
     CLI follow (from credential_plan).
 
     ``where`` is
-    - "secret": a Kubernetes Secret (``secret_name``) that every Ray pod references (kuberay; mlflow.deliver: secret);
+    - "secret": a Kubernetes Secret (``secret_name``) that every Ray pod reads (kuberay): ``secret_as`` "env"
+      (variables from the Secret) or "file" (a Secret volume, mode 0400, that the Ray container's command reads
+      into its environment). "file" on interLink: its SLURM plugin writes every variable in plaintext into an env
+      file (0644) and its debug log, a Secret volume only into one 0400 file (measured: tests/test_vega_box.py);
     - "head_env": the local Ray head's environment, which every job inherits (local; mlflow.deliver: secret);
     - "runtime_env": each job's runtime_env (mlflow.deliver: runtime_env; opt-in: the dashboard shows it);
     - None: nowhere, because nothing takes a login: no tracking URI, a local store (sqlite:, file:, a path), or
@@ -52,6 +55,7 @@ class CredentialPlan:
     source: Literal["env", "file", "stdin"] | None = None
     file: Path | None = None  # with source "file"
     secret_name: str | None = None  # with where "secret"
+    secret_as: Literal["env", "file"] | None = None  # with where "secret": how the pods read the Secret
 
     @property
     def in_cluster(self) -> bool:
@@ -99,7 +103,11 @@ def credential_plan(p: Profile) -> CredentialPlan:
     where: Delivery = "runtime_env" if m.deliver == "runtime_env" else "secret" if p.backend == "kuberay" else \
         "head_env"
     file = p.resolve_path(m.credentials_file) if m.credentials == "file" and m.credentials_file else None
-    return CredentialPlan(where, m.credentials, file, secret_name(p.name) if where == "secret" else None)
+    if where != "secret":
+        return CredentialPlan(where, m.credentials, file)
+    read_as: Literal["env", "file"] = "file" if m.deliver == "secret_file" or (
+        m.deliver == "secret" and p.interlink.enabled) else "env"
+    return CredentialPlan(where, m.credentials, file, secret_name(p.name), read_as)
 
 
 def read_credentials_file(path: Path) -> Credentials:

@@ -13,6 +13,19 @@ every bind of that container); `job.sh` (the plugin's shell functions, `runInitC
 the pre-exec, and the path of job.sh appended to the last prefix line, so a pre-exec whose last line does not run
 its arguments swallows job.sh, as the real plugin's does); `sbatch job.slurm`, where any stderr is a failure.
 
+Secret and ConfigMap volumes (prepare.go `mountData`/`mountDataSimpleVolume`/`prepareMountsSimpleVolume`): with
+`SHARED_FS=true` (`shared_fs`, the default) each key is written before submission to
+`<dir>/<secrets|configMaps>/<volume mount>/<key>` with the volume's defaultMode (os.WriteFile: less the umask) in
+0755 directories; without it the plugin puts each value into its own process environment
+(`<container>_<secrets|configMaps>_<hex of the path>`, os.Setenv: every later `sbatch` with its default
+--export=ALL hands it to the job's environment) and job.slurm gets, before the other prefix lines,
+`mkdir -p "<dir>" && touch "<file>"` and the value base64 in a `base64 -d <<'VKDATA_<hex>' > "<file>"` here-doc
+(job.slurm 0774; the file the job makes has the job's umask, not defaultMode).
+
+Debug log (`log`, as a site with `VerboseLogging: true` has it): the interLink API's create body (the pod with its
+env already resolved to values, and the Secret objects of its volumes: create.go logs the whole body), and the
+plugin's `---- Written envfile file <file> key <NAME> value <quoted value>` per variable (prepare.go createEnvFile).
+
 Status: `squeue --noheader -a --states=all -O exit_code,StateCompact -j JID`; PD/S → waiting, R/CG → running,
 TO → terminated `SlurmJobTimeout`, OOM → terminated `OOMKilled`, anything else terminated with the container's
 `run-<name>.status` (or the job's exit code). Only the pod's containers are reported, never its init containers.
@@ -22,6 +35,7 @@ Logs: `job.out` followed by `run-<container>.out`. Delete: `scancel JID`, then t
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -146,6 +160,8 @@ class PluginConfig:
     image_prefix: str = "docker://"
     bash_path: str = "/bin/bash"
     command_prefix: str = ""
+    shared_fs: bool = True  # SHARED_FS=true in the plugin's environment
+    log: Path | None = None  # the debug log of interLink's API and the plugin (VerboseLogging: true)
 
 
 @dataclass
@@ -295,15 +311,23 @@ class SlurmPlugin:
             _remove_tree(path)
             raise
 
+    def _debug(self, line: str) -> None:
+        if self.config.log is not None:
+            with open(self.config.log, "a") as f:
+                f.write(f"{_now()} DEBUG {line}\n")
+
     def _create(self, pod: Obj, path: Path, secrets: dict[str, Obj], configmaps: dict[str, Obj]) -> str:
         spec, meta = pod["spec"], pod["metadata"]
+        self._debug("interLink API create body: " + json.dumps(
+            {"pod": pod, "secrets": list(secrets.values()), "configMaps": list(configmaps.values())}))
         annotations = meta.get("annotations") or {}
         inits = spec.get("initContainers") or []
         containers = inits + (spec.get("containers") or [])
         cpu, mem, default_cpu, default_mem = resource_limits(containers)
-        lines = []
+        lines: list[str] = []
+        volume_prefix: list[str] = []
         for index, c in enumerate(containers):
-            mounts = self._mounts(pod, c, path, secrets, configmaps)
+            mounts = self._mounts(pod, c, path, secrets, configmaps, volume_prefix)
             envs = self._env_file(pod, c, path)
             image = c.get("image", "")
             if not image.startswith("/") and not image.startswith(self.config.image_prefix):
@@ -317,7 +341,7 @@ class SlurmPlugin:
             lines.append(line)
         run_as = (spec.get("securityContext") or {}).get("runAsUser")
         flags = sbatch_flags(annotations, cpu, mem, default_cpu, default_mem, run_as)
-        prefix = ""
+        prefix = "".join(volume_prefix)
         if "interlink.eu/pod-ip" in annotations:
             prefix += f"\nexport POD_IP={annotations['interlink.eu/pod-ip']}\n"
         if self.config.command_prefix:
@@ -355,11 +379,13 @@ class SlurmPlugin:
         env_file = path / f"{container['name']}_envfile.properties"
         with open(env_file, "w") as f:  # os.Create: 0666 less the umask
             for var in container["env"]:
-                f.write(f"{var['name']}={quote(var.get('value', ''))}\n")
+                value = quote(var.get("value", ""))
+                f.write(f"{var['name']}={value}\n")
+                self._debug(f"---- Written envfile file {env_file} key {var['name']} value {value}")
         return ["--env-file", str(env_file)]
 
     def _mounts(self, pod: Obj, container: Obj, path: Path, secrets: dict[str, Obj],
-                configmaps: dict[str, Obj]) -> str:
+                configmaps: dict[str, Obj], prefix: list[str]) -> str:
         """prepareMounts: the container's binds as one string, or "" when a volume type is unknown."""
         path.mkdir(mode=0o777, parents=True, exist_ok=True)  # os.MkdirAll(ModePerm): 0755 with the usual umask
         pod_name = pod["metadata"]["name"]
@@ -379,12 +405,23 @@ class SlurmPlugin:
                     raise PluginError(f"could not find {'configMap' if kind == 'configMaps' else 'secret'} {ref} "
                                       f"in container {container['name']} in pod {pod_name}")
                 directory = path / kind / vm["name"]
-                directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+                _remove_tree(directory)
+                if self.config.shared_fs:
+                    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
                 for key, value in (obj.get("data") or {}).items():
                     data = value.encode() if kind == "configMaps" else _b64(value)
                     target = directory / key
-                    target.write_bytes(data)
-                    target.chmod(source.get("defaultMode", 0o644))
+                    if self.config.shared_fs:
+                        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, source.get("defaultMode", 0o644))
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(data)
+                        self._debug(f"--- Written {kind} file {target}")
+                    else:
+                        marker = str(target).encode().hex()
+                        self.config.env[f"{container['name']}_{kind}_{marker}"] = data.decode(errors="replace")
+                        prefix.append(f'\nmkdir -p "{directory}" && touch "{target}"'
+                                      f"\nbase64 -d <<'VKDATA_{marker}' > \"{target}\"\n"
+                                      f"{base64.b64encode(data).decode()}\nVKDATA_{marker}")
                     inside = vm["mountPath"] if vm.get("subPath") else f"{vm['mountPath'].rstrip('/')}/{key}"
                     out += f" --bind {target}:{inside}{mode} "
             elif "emptyDir" in volume:

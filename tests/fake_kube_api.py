@@ -422,7 +422,9 @@ class FakeKubeAPI:
         if res is PODS and len(rest) == 3 and rest[2] in ("portforward", "exec", "attach", "log") and namespace:
             return await pod_subresource(self, request, namespace, rest[1], rest[2])
         if res is SERVICES and len(rest) >= 3 and rest[2] == "proxy" and namespace:
-            return await service_proxy(self, request, namespace, rest[1], "/".join(rest[3:]))
+            # the path after proxy/ goes on as given, a trailing slash included (Ray's POST /api/jobs/ needs it)
+            tail = "/".join(rest[3:]) + ("/" if len(rest) > 3 and request.path.endswith("/") else "")
+            return await service_proxy(self, request, namespace, rest[1], tail)
         if res is None or len(rest) > 3 or (len(rest) == 3 and not (rest[2] == "status" and res.has_status)):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         name, sub = (rest[1:] + ["", ""])[:2]

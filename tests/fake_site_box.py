@@ -12,6 +12,8 @@ What runs, and what it stands for:
   the venv — in the job's network namespace (tests/fake_interlink_net.py: the VPN, cluster DNS);
 - `fake_vpn_bootstrap`: the site's VPN bootstrap a profile's pre-exec must call for pod-vpn pods;
 - a SIF stand-in (`<root>/sif/<name>:<tag>`) the jobs' singularity accepts;
+- the plugin's debug log (`BoxInfo.plugin_log`), as a site with `VerboseLogging: true` keeps it; `shared_fs`
+  is the plugin's SHARED_FS (Secret volumes as files under the job directory, or base64 in job.slurm);
 - optionally an MLflow server with basic auth on the VPN gateway address (one URL from this machine and from the
   pods).
 
@@ -72,6 +74,7 @@ class BoxInfo:
     slurm_conf: str
     data_root: str  # interLink's DataRootFolder: a pod's job lives in <data_root><namespace>-<uid>
     singularity_log: str
+    plugin_log: str  # the debug log of interLink's API and the plugin (VerboseLogging: true)
     mlflow_url: str
     mlflow_admin: tuple[str, str]  # (username, password); ("", "") without MLflow
 
@@ -110,11 +113,13 @@ class SiteBox:
                  cpu: str = "100", memory: str = "3000G", pods: str = "10000",
                  accelerators: dict[str, str] | None = None, pod_cidr: str = "127.0.100.0/24", poll_s: float = 1.0,
                  mlflow: bool = True, slurm: SlurmCluster | None = None, slurm_cpus: int = 16,
-                 slurm_memory_mb: int = 200000, sif: tuple[str, str] = ("hython", "sif")) -> None:
+                 slurm_memory_mb: int = 200000, sif: tuple[str, str] = ("hython", "sif"),
+                 shared_fs: bool = True) -> None:
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="hpcray-box-", dir="/var/tmp"))
         self.node, self.namespace, self.pod_cidr, self.poll_s = node, namespace, pod_cidr, poll_s
         self.node_resources = {"cpu": cpu, "memory": memory, "pods": pods, "accelerators": accelerators}
         self.with_mlflow, self.slurm_size, self.sif_name = mlflow, (slurm_cpus, slurm_memory_mb), sif
+        self.shared_fs = shared_fs
         self.prefix = f"hb{os.getpid() % 100000}{secrets.token_hex(2)}"
         self.slurm: SlurmCluster | None = slurm
         self._own_slurm = slurm is None  # a cluster given by the caller is the caller's to stop
@@ -163,7 +168,9 @@ class SiteBox:
                "FAKE_SINGULARITY_LOG": str(log), "FAKE_SINGULARITY_CONTAINER_PATH": f"{venv_bin}:{SYSTEM_PATH}",
                "FAKE_SINGULARITY_IMAGE_DIRS": f"{sys.prefix}:{sys.base_prefix}",
                "HPCRAY_BOX_DNS": str(self.api.cluster_dns), **(self.network.env() if self.network else {})}
-        self.plugin = SlurmPlugin(PluginConfig(data_root=data_root, env=env))
+        plugin_log = self.root / "interlink-plugin.log"
+        self.plugin = SlurmPlugin(PluginConfig(data_root=data_root, env=env, shared_fs=self.shared_fs,
+                                               log=plugin_log))
         self.vk = FakeVirtualKubelet(self.api, node=self.node, plugin=self.plugin, pod_network=self.network,
                                      poll_s=self.poll_s, pod_cidr=self.pod_cidr,
                                      **self.node_resources).start()  # type: ignore[arg-type]
@@ -176,7 +183,8 @@ class SiteBox:
                             pod_cidr=self.pod_cidr, sif=str(sif), sif_dir=str(sif.parent), sif_name=name,
                             sif_tag=tag, vpn_bootstrap=str(TESTS / "fake_vpn_bootstrap"),
                             slurm_conf=str(self.slurm.conf), data_root=f"{data_root}/",
-                            singularity_log=str(log), mlflow_url=mlflow_url, mlflow_admin=admin)
+                            singularity_log=str(log), plugin_log=str(plugin_log), mlflow_url=mlflow_url,
+                            mlflow_admin=admin)
 
     def _start_mlflow(self, host: str) -> tuple[str, tuple[str, str]]:
         """`mlflow server --app-name basic-auth` on a fresh sqlite store, on the VPN gateway address (relayed
@@ -240,6 +248,11 @@ class SiteBox:
         self.stop()
 
     # -- for tests -----------------------------------------------------------------------------------------------
+    @property
+    def mlflow_pid(self) -> int | None:
+        """The MLflow server's PID, which leads its process group (its workers know the admin password too)."""
+        return self._mlflow.pid if self._mlflow is not None else None
+
     def job_dir(self, pod: dict[str, Any]) -> Path:
         assert self.plugin is not None
         return self.plugin.workdir(pod)

@@ -42,7 +42,7 @@ KNOWN_ROWS = {
     "volumes[].read_only": ("true/false", "false"),
     "interlink.slurm.partition": ("a string", ""),
     "mlflow.credentials": ("one of env, file, stdin, none", "env"),
-    "mlflow.deliver": ("one of secret, runtime_env", "secret"),
+    "mlflow.deliver": ("one of secret, secret_file, secret_env, runtime_env", "secret"),
     "jobs.<name>.num_gpus": ("a number", ""),
     "timeout": ("a string", "2h"),
 }

@@ -96,8 +96,13 @@ def test_vega_profile_renders_the_tutorials_cluster(helm_bin: str, charts_env: P
         env = env_of(group)
         assert env["NCCL_SOCKET_IFNAME"]["value"] == "br0"
         assert env["HYDRA_FULL_ERROR"]["value"] == "1"
-        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": "hython-hpcray-mlflow", "key": "password"}
+        # credentials as a 0400 Secret volume, never as env: interLink's plugin writes env values into a 0644 file
+        assert "MLFLOW_TRACKING_PASSWORD" not in env and "MLFLOW_TRACKING_USERNAME" not in env
+        assert {"name": "hpcray-mlflow", "secret": {"secretName": "hython-hpcray-mlflow", "defaultMode": 0o400}} \
+            in spec["volumes"]
+        assert {"name": "hpcray-mlflow", "mountPath": "/tmp/hpcray-mlflow", "readOnly": True} \
+            in container["volumeMounts"]
+        assert "MLFLOW_TRACKING_PASSWORD=$(cat /tmp/hpcray-mlflow/password)" in container["command"][0]
         assert env["MLFLOW_DISABLE_TELEMETRY"]["value"] == "true"
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     assert workers["groupName"] == "gpu"

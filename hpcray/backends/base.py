@@ -95,15 +95,20 @@ class Backend(Protocol):
 
     name: str
 
-    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None,
-             warn: Progress) -> Plan:
+    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None, warn: Progress,
+             preflight: bool = True, access: str = "auto") -> Plan:
         """What `up` would do with these arguments, checked as far as possible without changing anything (the
-        values rendered and checked against KubeRay's CRD; the local head that would start)."""
+        values rendered and checked against KubeRay's CRD; the preflight against interLink's virtual node; the
+        local head that would start)."""
         ...
 
     def up(self, *, timeout: float, progress: Progress, credentials: Credentials | None = None,
-           ttl_s: float | None = None, down_on_failure: bool = False) -> ClusterStatus:
-        """Create (or upgrade) the cluster and return once head and all workers are ready.
+           ttl_s: float | None = None, down_on_failure: bool = False, access: str = "auto",
+           preflight: bool = True) -> ClusterStatus:
+        """Create (or upgrade) the cluster and return once head and all workers are ready (where the pods' Ready
+        does not say so, interLink's, once the Jobs API answers through ``access`` and every Ray node is alive).
+
+        ``preflight``: first check that the place the pods go can take them (PreflightFailed, nothing installed).
 
         ``credentials`` go where hpcray.tracking.credential_plan says (a Kubernetes Secret the pods reference, the
         local head's environment), never argv or a file. Raises ClusterNotReady with a diagnosis on timeout;
@@ -112,13 +117,15 @@ class Backend(Protocol):
         """
         ...
 
-    def access(self, progress: Progress) -> ContextManager[Endpoint]:
-        """The Jobs API (dashboard) of a cluster that is up, valid while the with-block runs: the backend opens
+    def access(self, progress: Progress, mode: str = "auto") -> ContextManager[Endpoint]:
+        """The Jobs API (dashboard) of a cluster that is up, valid while the with-block runs, reached the way
+        ``mode`` says (the profile's `access` values: auto, port-forward, service-proxy, or a URL): the backend opens
         whatever the way there needs (a port-forward to the head pod) and closes it afterwards. ClusterError if the
-        cluster is not up."""
+        cluster is not up, AccessRefused if ``mode`` cannot work for it."""
         ...
 
-    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
+    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None],
+                  access: str = "auto") -> None:
         """Make the dashboard reachable on this machine and call ``on_ready(url)``; where that needs a forward
         (kuberay: 127.0.0.1:port → the head's 8265) serve it until Ctrl-C."""
         ...

@@ -4,13 +4,21 @@ Ctrl-C during `up` stops waiting at once. With --down-on-failure the release and
 they are left (the pods keep starting) and the message says `hpcray down -p PROFILE` removes them. Either way the
 command exits 130. A helm killed mid-install leaves a pending release that the next `up` rolls back or uninstalls.
 
-The Jobs API and the dashboard are reached through a port-forward to the head pod (hpcray.portforward), opened by
-`access` for one command, or kept by `hpcray dashboard` for every command while it runs.
+The Jobs API and the dashboard are reached the way the profile's `access` (or `--access`) says: a port-forward to
+the head pod (hpcray.portforward), opened for one command or kept by `hpcray dashboard` for every command while it
+runs; the API server's service proxy to the head's Service, with the kubeconfig's credentials; or a URL (an
+Ingress). `auto` takes the port-forward where the head pod's node has a real kubelet and the service proxy where it
+is an interLink virtual node, whose kubelet answers port-forward with 501.
+
+interLink profiles get a preflight against the virtual node before helm runs (hpcray.interlink), stop waiting as
+soon as a pod's SLURM job has failed, and are up only once the Jobs API answers through the chosen access and the
+head counts every pod's Ray node alive: the virtual kubelet runs no readiness probes and reports no init containers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hpcray import helm, kube, portforward, targets
+from hpcray import helm, interlink, kube, portforward, targets
 from hpcray.backends.base import ClusterStatus, NodeStatus, Plan, Progress, ReleaseStatus, Step
-from hpcray.errors import ClusterNotReady, CredentialsError, HpcrayError, Interrupted, KubeError
+from hpcray.errors import AccessRefused, ClusterError, ClusterNotReady, CredentialsError, HpcrayError, Interrupted, \
+    JobsApiRefused, KubeError
 from hpcray.http import Endpoint
 from hpcray.images import sif_known_missing
 from hpcray.profile import Profile, profile_ref
@@ -32,6 +41,9 @@ from hpcray.tracking import PASSWORD_VAR, SECRET_KEYS, USERNAME_VAR, Credentials
 from hpcray.waiting import Deadline
 
 DASHBOARD_PORT = 8265
+WORKERS_JOIN_S = 120.0
+"""How long after the Jobs API answers `up` waits for every pod's Ray node to join the head (interLink: its pods
+are Ready once their SLURM job runs, whatever Ray does in them)."""
 EXPIRES = "hpcray.io/expires-at"  # release label (epoch seconds) and RayCluster annotation (RFC 3339)
 HELM_TIMEOUT_S = 300.0
 
@@ -57,18 +69,22 @@ class KubeRayBackend:
         self.namespace = profile.kubernetes.namespace
         self.secret = secret_name(profile.name)
         self.selector = f"{kube.CLUSTER_LABEL}={profile.raycluster_name}"
+        self.head_selector = f"{self.selector},{kube.HEAD_LABEL}=head"
+        self.service = f"{profile.raycluster_name}-head-svc"
         self.ref = profile_ref(profile.source)  # how the commands we suggest name the profile
 
     # -----------------------------------------------------------------------------------------------------------
     # up
     # -----------------------------------------------------------------------------------------------------------
 
-    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None,
-             warn: Progress) -> Plan:
-        """The Secret, the helm command with its values (rendered and checked with the real `helm template` against
-        KubeRay's CRD) and the wait that `up` would do."""
+    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None, warn: Progress,
+             preflight: bool = True, access: str = "auto") -> Plan:
+        """The preflight, the Secret, the helm command with its values (rendered and checked with the real `helm
+        template` against KubeRay's CRD) and the wait that `up` would do."""
         install = self._prepare(credentials, ttl_s, warn)
         steps = []
+        if preflight and self.p.interlink.enabled:
+            steps.append(Step(interlink.preflight_step(self.p)))
         if install.secret is not None:
             shown = ", ".join(f"{k}={v}" for k, v in install.secret.items())  # a Secret formats as ******
             steps.append(Step(f"create or replace Secret {self.secret} in namespace {self.namespace}: {shown}"))
@@ -76,6 +92,9 @@ class KubeRayBackend:
                           stdin=install.values_yaml))
         steps.append(Step(f"wait until the head and {install.expected_workers} worker pod(s) ({self.selector}) in "
                           f"namespace {self.namespace} are Ready"))
+        if self.p.interlink.enabled:
+            steps.append(Step(f"wait until the Jobs API answers (access: {access}) and the head counts "
+                              f"{install.expected_workers + 1} Ray node(s) alive"))
         return Plan(self.name, "kuberay", steps, install.expires_at)
 
     def _prepare(self, credentials: Credentials | None, ttl_s: float | None, warn: Progress) -> _Install:
@@ -110,25 +129,84 @@ class KubeRayBackend:
         return {key: env[var] for var, key in SECRET_KEYS.items()}
 
     def up(self, *, timeout: float, progress: Progress, credentials: Credentials | None = None,
-           ttl_s: float | None = None, down_on_failure: bool = False) -> ClusterStatus:
+           ttl_s: float | None = None, down_on_failure: bool = False, access: str = "auto",
+           preflight: bool = True) -> ClusterStatus:
         install = self._prepare(credentials, ttl_s, progress)  # bad input fails before anything is written
         k = kube.connect(self.release.where)
+        offloaded = self.p.interlink.enabled
         with locked(self._lock(), f"`hpcray up` of {self.name}", progress):
+            if preflight and offloaded:
+                interlink.preflight(self.p, k, self.selector, progress)
             deadline = Deadline(timeout)
             watch = kube.PodWatch(k, self.selector, progress)
             try:
                 release = self._install(install, k, progress)
-                ready = watch.until(lambda pods: _ready(pods, install.expected_workers), deadline=deadline,
-                                    on_change=PodLines(progress))
+                ready = watch.until(lambda pods: _ready(pods, install.expected_workers) or
+                                    (offloaded and _failed(pods)), deadline=deadline, on_change=PodLines(progress))
+                failed = offloaded and _failed(watch.pods)
+                if ready and not failed and offloaded:
+                    problem = self._ray_up(k, access, install.expected_workers, deadline, progress)
+                    if problem:
+                        outcome = self._after_failure(install.helm, k, down_on_failure, progress)
+                        raise ClusterNotReady(f"{self.name} is not usable: {problem}; {outcome}")
             except KeyboardInterrupt:
                 outcome = self._after_failure(install.helm, k, down_on_failure, progress)
                 raise Interrupted(signal.SIGINT, f"interrupted while bringing up {self.name}; {outcome}") from None
-            if not ready:
+            if failed or not ready:
                 diagnosis = self._diagnose(k, watch, install.expected_workers)
                 outcome = self._after_failure(install.helm, k, down_on_failure, progress)
-                raise ClusterNotReady(f"{self.name} was not ready within {_seconds(timeout)}: {diagnosis}; {outcome}")
+                when = "cannot start" if failed else f"was not ready within {_seconds(timeout)}"
+                raise ClusterNotReady(f"{self.name} {when}: {diagnosis}; {outcome}")
             return self._status(release, [kube.pod_state(p) for p in watch.pods.values()], install.expected_workers,
                                 install.expires_at)
+
+    def _ray_up(self, k: kube.Kube, access: str, expected_workers: int, deadline: Deadline,
+                progress: Progress) -> str | None:
+        """Wait until the Jobs API answers through `access` and the head counts every pod's Ray node alive; why not,
+        in Ray's and interLink's words, when that does not happen (None when it does)."""
+        from hpcray.jobs import JobsApi
+        from hpcray.jobs.api import wait_for_api
+
+
+        def head_stuck() -> str | None:
+            for pod in kube.list_pods(k, self.head_selector):
+                log = kube.pod_log_tail(k, pod["metadata"]["name"], "ray-head")
+                if line := interlink.head_cannot_reach_gcs(log):
+                    return line
+            return None
+
+        def stuck_problem(line: str) -> str:
+            return (f"workers cannot reach the head: the Ray head's log says \"{line}\" (its own Ray node cannot "
+                    f"reach the head's address); {interlink.VPN_FIX}")
+
+        with self.access(progress, access) as endpoint:
+            api = JobsApi(endpoint)
+            progress(f"pods Ready; waiting for the Ray Jobs API at {api.address} and {expected_workers + 1} Ray "
+                     "node(s)")
+            while True:  # in rounds: between them the head's log says whether it can ever answer
+                try:
+                    wait_for_api(api, min(deadline.left, 15.0), progress)
+                    break
+                except JobsApiRefused:
+                    raise
+                except ClusterError as exc:
+                    if line := head_stuck():
+                        return stuck_problem(line)
+                    if deadline.passed:
+                        return f"the Ray Jobs API did not answer through access {access}: {exc}"
+            joined = Deadline(min(deadline.left, WORKERS_JOIN_S))
+            alive = 0
+            while not joined.passed:
+                alive = api.alive_nodes()
+                if alive >= expected_workers + 1:
+                    progress(f"{alive} Ray node(s) alive; the Jobs API answers at {api.address}")
+                    return None
+                if line := head_stuck():
+                    return stuck_problem(line)
+                joined.sleep(2.0)
+            return (f"workers cannot reach the head: the head counts {alive} of {expected_workers + 1} Ray node(s) "
+                    f"alive {joined.elapsed:.0f} s after every pod was Ready (their `wait-gcs-ready` loops, which "
+                    f"interLink does not report); {interlink.VPN_FIX}")
 
     def _install(self, install: _Install, k: kube.Kube, progress: Progress) -> helm.ReleaseInfo:
         current = helm.status(install.helm, self.release)
@@ -170,7 +248,7 @@ class KubeRayBackend:
         alike: dict[tuple[str, str, str], list[str]] = {}  # pods not ready for the same reason are named together
         for s in sorted(live, key=lambda s: (s.role != "head", s.name)):
             if not s.ready:
-                alike.setdefault((s.role, s.phase, self._why(k, s)), []).append(s.name)
+                alike.setdefault((s.role, s.phase, self._why(k, s, watch.pods[s.name])), []).append(s.name)
         parts += [f"{role} {', '.join(names)} {phase}: {why}" for (role, phase, why), names in alike.items()]
         missing = {"head": 1 - sum(s.role == "head" for s in live),
                    "worker": expected_workers - sum(s.role == "worker" for s in live)}
@@ -178,8 +256,8 @@ class KubeRayBackend:
             parts.append(self._missing(k, missing))
         return "; ".join(parts)
 
-    def _why(self, k: kube.Kube, s: kube.PodState) -> str:
-        reasons = [s.reason]
+    def _why(self, k: kube.Kube, s: kube.PodState, pod: kube.Obj) -> str:
+        reasons = [self._interlink_problem(pod) or s.reason]
         try:
             reasons += [f"{reason}: {message}" for reason, message in kube.pod_warnings(k, s.name)
                         if message not in s.reason]
@@ -188,6 +266,9 @@ class KubeRayBackend:
         except KubeError:
             pass  # the diagnosis is best effort: the reason from the pod itself is already there
         return "; ".join(r for r in reasons if r)
+
+    def _interlink_problem(self, pod: kube.Obj) -> str | None:
+        return interlink.pod_problem(pod) if self.p.interlink.enabled else None
 
     def _missing(self, k: kube.Kube, missing: dict[str, int]) -> str:
         counts = " and ".join(f"{n} {role} pod{'s' if n > 1 else ''}" for role, n in missing.items() if n > 0)
@@ -211,7 +292,9 @@ class KubeRayBackend:
     def status(self) -> ClusterStatus:
         release = helm.status(helm.find_helm(), self.release)
         k = kube.connect(self.release.where)
-        states = [kube.pod_state(p) for p in kube.list_pods(k, self.selector)]
+        pods = kube.list_pods(k, self.selector)
+        states = [dataclasses.replace(s, reason=problem) if (problem := self._interlink_problem(pod)) else s
+                  for pod, s in ((pod, kube.pod_state(pod)) for pod in pods)]
         rc = kube.get_raycluster(k, self.p.raycluster_name)
         return self._status(release, states, expected_workers(rc) if rc else 0, expiry(rc or {}))
 
@@ -223,22 +306,71 @@ class KubeRayBackend:
             ready=deployed and states_ready(states, expected), node_kind="pod",
             nodes=[node_status(s) for s in states], expires_at=expires_at, address=self._forwarded(),
             tracking_uri=self.tracking_uri(), namespace=self.namespace, release=release_status(release),
-            expected_workers=expected, service=f"{self.p.raycluster_name}-head-svc")
+            expected_workers=expected, service=self.service)
 
     @contextlib.contextmanager
-    def access(self, progress: Progress) -> Iterator[Endpoint]:
-        """A live `hpcray dashboard` of this cluster, else a port-forward of this command's own to the head pod
-        (as `kubectl ray job submit` does), closed when the block ends."""
-        forwarded = self._forwarded()
+    def access(self, progress: Progress, mode: str = "auto") -> Iterator[Endpoint]:
+        """The Jobs API the way `mode` says, valid while the block runs: a URL as given; the API server's service
+        proxy; a port-forward of this command's own to the head pod (as `kubectl ray job submit` does), closed when
+        the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the port-forward where the head
+        pod's node has a real kubelet and the service proxy where it is an interLink virtual node. A port-forward
+        to a pod on a virtual node is refused at once (AccessRefused), not retried."""
+        if _is_url(mode):
+            yield Endpoint(mode.rstrip("/"))
+            return
+        forwarded = self._forwarded() if mode == "auto" else None
         if forwarded is not None:
             yield Endpoint(forwarded)
             return
-        with self._forward(0, progress).serving() as relay:
+        k = kube.connect(self.release.where)
+        if self._way(k, mode) == "service-proxy":
+            yield kube.service_proxy(k, self.service, DASHBOARD_PORT)
+            return
+        with self._forward(k, 0, progress).serving() as relay:
             yield Endpoint(relay.url)
 
-    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
-        """Serve 127.0.0.1:port → the head pod's dashboard until Ctrl-C; job commands use it meanwhile."""
-        relay = self._forward(port, progress)
+    def _way(self, k: kube.Kube, mode: str) -> str:
+        """`port-forward` or `service-proxy`: `mode` with `auto` resolved by the Ready head pod's node.
+        ClusterError when there is no Ready head, AccessRefused for a port-forward to a virtual node."""
+        state = portforward.ReadyPod(k, self.head_selector).state()
+        if mode == "service-proxy":
+            return mode
+        virtual = self._on_virtual_node(k, state.node)
+        if mode == "port-forward" and virtual:
+            raise AccessRefused(
+                f"the head pod {state.name} runs on {state.node}, an interLink virtual node, whose virtual kubelet "
+                f"answers port-forward with 501 Not Implemented; reach the Jobs API with --access service-proxy "
+                f"(through the API server, with your kubeconfig's credentials) or --access https://<the dashboard's "
+                f"Ingress>, or set the profile's access key to one of them")
+        return "service-proxy" if virtual else "port-forward"
+
+    def _on_virtual_node(self, k: kube.Kube, node: str | None) -> bool:
+        """Whether `node` is an interLink virtual node; where nodes may not be read, whether it is the profile's."""
+        if not node:
+            return False
+        try:
+            found = kube.read_node(k, node)
+        except KubeError:
+            return self.p.interlink.enabled and node == self.p.interlink.node
+        return found is not None and kube.is_virtual_node(found)
+
+    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None],
+                  access: str = "auto") -> None:
+        """A URL: that. Through a port-forward: serve 127.0.0.1:port → the head pod's dashboard until Ctrl-C; job
+        commands use it meanwhile. Through the service proxy: a browser lacks the kubeconfig's credentials, so
+        `kubectl proxy` (which adds them) is named with the address it then serves."""
+        if _is_url(access):
+            on_ready(access)
+            return
+        k = kube.connect(self.release.where)
+        if self._way(k, access) == "service-proxy":
+            path = f"/api/v1/namespaces/{self.namespace}/services/http:{self.service}:{DASHBOARD_PORT}/proxy/"
+            progress(f"the head's dashboard is reached through the Kubernetes API server's service proxy, which "
+                     f"needs your kubeconfig's credentials: run `kubectl proxy --port {port or 8001}` and open the "
+                     "address below")
+            on_ready(f"http://127.0.0.1:{port or 8001}{path}")
+            return
+        relay = self._forward(k, port, progress)
         recorded = self._dashboard_file()
         write_atomic(recorded, json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": self.namespace}))
         try:
@@ -251,10 +383,8 @@ class KubeRayBackend:
             relay.close()
             recorded.unlink(missing_ok=True)
 
-    def _forward(self, port: int, progress: Progress) -> portforward.Relay:
-        k = kube.connect(self.release.where)
-        return portforward.to_pod(k, f"{self.selector},{kube.HEAD_LABEL}=head", DASHBOARD_PORT, local_port=port,
-                                  notice=progress)
+    def _forward(self, k: kube.Kube, port: int, progress: Progress) -> portforward.Relay:
+        return portforward.to_pod(k, self.head_selector, DASHBOARD_PORT, local_port=port, notice=progress)
 
     def _dashboard_file(self) -> Path:
         """Where a running `hpcray dashboard` records its pid and local port (so job commands find it)."""
@@ -318,6 +448,15 @@ class PodLines:
         self.last[name] = (s.phase, s.reason)
         self.progress(f"  {s.name}  {s.role}  {s.phase}{'  ' + s.reason if s.reason else ''}  "
                       f"(age {_seconds(s.age())})")
+
+
+def _is_url(access: str) -> bool:
+    return access.startswith(("http://", "https://"))
+
+
+def _failed(pods: dict[str, kube.Obj]) -> bool:
+    """Whether a pod on interLink's virtual node will never run: the virtual kubelet neither retries nor restarts."""
+    return any(interlink.pod_problem(p) for p in pods.values())
 
 
 def _ready(pods: dict[str, kube.Obj], expected_workers: int) -> bool:

@@ -28,8 +28,8 @@ from typing import Callable, Iterator
 
 from hpcray import http
 from hpcray.backends.base import ClusterStatus, HeadProcess, NodeStatus, Plan, Progress, Step
-from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError, ToolMissing
-from hpcray.profile import Profile, profile_ref
+from hpcray.errors import AccessRefused, ClusterError, ClusterNotReady, CredentialsError, ToolMissing
+from hpcray.profile import Profile, access_problem, profile_ref
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV, locked, state_dir, state_root, write_atomic
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, credential_plan
@@ -89,9 +89,10 @@ class LocalBackend:
 
     # -- Backend --------------------------------------------------------------------------------------------------
 
-    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None,
-             warn: Progress) -> Plan:
+    def plan(self, *, credentials: Credentials | None = None, ttl_s: float | None = None, warn: Progress,
+             preflight: bool = True, access: str = "auto") -> Plan:
         """The head (and MLflow server) `up` would start, or the running head it would leave alone."""
+        _check_access(access)
         st = self._load()
         if st and _running(st.pid):
             return Plan(self.name, "local", [Step(f"leave the running local cluster '{self.name}' (pid {st.pid}, "
@@ -119,9 +120,12 @@ class LocalBackend:
         return Plan(self.name, "local", steps, time.time() + ttl_s if ttl_s else None)
 
     def up(self, *, timeout: float, progress: Progress, credentials: Credentials | None = None,
-           ttl_s: float | None = None, down_on_failure: bool = True) -> ClusterStatus:
+           ttl_s: float | None = None, down_on_failure: bool = True, access: str = "auto",
+           preflight: bool = True) -> ClusterStatus:
         """Start the head (and MLflow server) or return the one already up. A head that fails to start is always
-        stopped, whatever ``down_on_failure`` says: half a local cluster is of no use to inspect."""
+        stopped, whatever ``down_on_failure`` says: half a local cluster is of no use to inspect. There is nothing
+        to preflight: the head runs here."""
+        _check_access(access)
         deadline = Deadline(timeout)
         env = self._head_env(credentials)
         with locked(self.dir / "lifecycle.lock", f"`hpcray up` of {self.name}", progress):
@@ -167,14 +171,17 @@ class LocalBackend:
         return prepare_local_store(uri, self.p.mlflow.experiment)
 
     @contextlib.contextmanager
-    def access(self, progress: Progress) -> Iterator[http.Endpoint]:
-        """The head's own dashboard: it listens on this machine already."""
-        yield http.Endpoint(self.address())
+    def access(self, progress: Progress, mode: str = "auto") -> Iterator[http.Endpoint]:
+        """The head's own dashboard (it listens on this machine already), or the URL `mode` gives."""
+        _check_access(mode)
+        yield http.Endpoint(mode.rstrip("/") if mode != "auto" else self.address())
 
-    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None]) -> None:
+    def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None],
+                  access: str = "auto") -> None:
         """The head's dashboard listens on this machine already (on local.dashboard_port, or the port chosen at
         `up`): nothing to forward, whatever ``port`` asks for."""
-        on_ready(self.address())
+        _check_access(access)
+        on_ready(access if access != "auto" else self.address())
 
     def address(self) -> str:
         st = self._load()
@@ -515,3 +522,9 @@ def _detected_gpus(st: HeadState) -> int:
         return int(sum(node.get("resources_total", {}).get("GPU", 0) for node in nodes))
     except (http.Unreachable, ValueError, KeyError, TypeError):
         return 0
+
+
+def _check_access(mode: str) -> None:
+    """`auto` or a URL; the Kubernetes ways to a head (port-forward, service-proxy) are refused in one line."""
+    if problem := access_problem(mode, "local"):
+        raise AccessRefused(f"--access {problem}")

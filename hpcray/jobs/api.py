@@ -147,6 +147,11 @@ class JobsApi:
     def list(self) -> list[dict[str, Any]]:
         return list(self._json("GET", "/api/jobs/"))
 
+    def alive_nodes(self) -> int:
+        """How many Ray nodes (head included) the head's GCS counts alive (Ray's State API)."""
+        found = self._json("GET", "/api/v0/nodes?detail=false&limit=1000")
+        return sum(n.get("state") == "ALIVE" for n in found["data"]["result"]["result"])
+
     def package_exists(self, uri: str) -> bool:
         response = self.call("GET", f"/api/packages/{_package_path(uri)}")
         if response.status not in (200, 404):

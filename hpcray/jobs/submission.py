@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import json
-import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -18,17 +17,12 @@ from typing import Any, Callable, Iterable
 
 from hpcray.errors import HpcrayError, UnknownJob
 from hpcray.profile import ItwinaiSpec, JobSpec, Profile
-from hpcray.secrets import Secret
+from hpcray.secrets import Secret, is_secret_name
 from hpcray.state import QUIET_ENV
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials
 
 Say = Callable[[str], None]
 
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZ)")  # TOKENIZERS_PARALLELISM is common and harmless
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name.upper()))
 
 
 def check_env_names(env: dict[str, str], where: str) -> None:
