@@ -257,8 +257,9 @@ def _check_access(ctx: click.Context, param: click.Parameter, value: str | None)
 access_option = click.option(
     "--access", metavar="WAY", callback=_check_access,
     help="How to reach the cluster's Jobs API: auto, port-forward, service-proxy (through the Kubernetes API "
-         "server, with the kubeconfig's credentials) or an http(s) URL such as an Ingress (default: the profile's "
-         "access key, auto: the service proxy for a head on an interLink virtual node, a port-forward otherwise).")
+         "server, with the kubeconfig's credentials), relay (a port-forward to a socat pod on a regular node) or an "
+         "http(s) URL such as an Ingress (default: the profile's access key, auto: the service proxy for a head on "
+         "an interLink virtual node, a port-forward otherwise).")
 skip_preflight_option = click.option(
     "--skip-preflight", is_flag=True,
     help="Don't check interLink's virtual node (Ready, taints, free CPU/memory/GPUs, PodCIDR) before helm runs.")

@@ -384,6 +384,35 @@ def pods_on_node(kube: Kube, node: str) -> list[Obj]:
         return kube.request("GET", "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node}"})["items"]
 
 
+def create_pod(kube: Kube, body: Obj) -> bool:
+    """Create the pod; False when one of its name is there already (left as it is)."""
+    from kubernetes.client.rest import ApiException
+
+    name = body["metadata"]["name"]
+    with api_errors(kube, f"create pod {name}"):
+        try:
+            kube.request("POST", "/api/v1/namespaces/{ns}/pods", ns=kube.namespace, body=body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+    return True
+
+
+def delete_pod(kube: Kube, name: str) -> bool:
+    """False when there was no such pod."""
+    from kubernetes.client.rest import ApiException
+
+    with api_errors(kube, f"delete pod {name}"):
+        try:
+            kube.request("DELETE", "/api/v1/namespaces/{ns}/pods/{name}", ns=kube.namespace, name=name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+    return True
+
+
 def pod_log_tail(kube: Kube, pod: str, container: str, lines: int = 50) -> str:
     """The last lines of a container's log ("" when the kubelet serves none)."""
     from kubernetes.client.rest import ApiException

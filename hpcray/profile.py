@@ -240,6 +240,10 @@ class KubernetesSpec:
     context: str | None = opt(None, "kube context (default: the kubeconfig's current one).", "grnet")
     namespace: str = opt("default", "Namespace of the release.", "ray-${USER}")
     kubeconfig: str | None = opt(None, "kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+    relay_image: str = opt("docker.io/alpine/socat:1.8.0.1",
+                           "Image of the relay pod (`access: relay`): runs `socat` on a regular node, forwarding "
+                           "its port 8265 to the head's Service; a mirror of it where the cluster cannot pull from "
+                           "Docker Hub.", "registry.example.org/mirror/socat:1.8.0.1")
 
 
 @dataclass

@@ -216,10 +216,13 @@ def test_a_port_forward_to_a_virtual_node_fails_at_once_naming_it(cluster: Path,
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
 
 
-def test_jobs_through_auto_the_service_proxy_and_an_address(site_box: SiteBox, cluster: Path,  # noqa: F811
+def test_jobs_through_auto_the_service_proxy_a_relay_and_an_address(site_box: SiteBox, cluster: Path,  # noqa: F811
                                                             tmp_path: Path) -> None:
     """submit (a working_dir uploaded, its log followed over the websocket), list, logs and stop, through `auto`
-    (the service proxy, since the head is on the virtual node), `service-proxy` and a URL."""
+    (the service proxy, since the head is on the virtual node), `service-proxy`, `relay` and a URL.
+
+    The relay pod runs on the box's regular node, whose fake kubelet runs no container: the port-forward to it is
+    served by the Ingress stand-in, as its socat would serve it (from its port 8265 to the head's Service)."""
     assert site_box.api
     work = tmp_path / "wd"
     work.mkdir()
@@ -227,8 +230,9 @@ def test_jobs_through_auto_the_service_proxy_and_an_address(site_box: SiteBox, c
     (work / "data.txt").write_text("uploaded-through-the-api-server\n")
     [head] = site_box.api.list("pods", labels="ray.io/cluster=acc-kuberay,ray.io/node-type=head")
     ingress = IngressStandIn(site_box, head["status"]["podIP"])
+    site_box.api.serve_pod_port("hpcray.io/relay=acc-kuberay", 8265, ("127.0.0.1", int(ingress.url.split(":")[-1])))
     try:
-        for access in ("auto", "service-proxy", ingress.url):
+        for access in ("auto", "service-proxy", "relay", ingress.url):
             done = hpcray("submit", "-p", str(cluster), "--access", access, "--working-dir", str(work), "--json",
                           "--", f"python main.py {access}")
             assert done.returncode == 0, done.stderr
@@ -237,6 +241,12 @@ def test_jobs_through_auto_the_service_proxy_and_an_address(site_box: SiteBox, c
             assert job["status"] == "SUCCEEDED"
             if access == ingress.url:
                 assert job["address"] == ingress.url
+            elif access == "relay":
+                assert job["address"].startswith("http://127.0.0.1:")
+                [relay] = site_box.api.list("pods", labels="hpcray.io/relay=acc-kuberay")
+                assert relay["spec"]["nodeName"] != site_box.node and not relay["spec"].get("tolerations")
+                assert relay["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
+                assert "TCP:acc-kuberay-head-svc.default.svc:8265" in relay["spec"]["containers"][0]["args"]
             else:
                 assert "/services/http:acc-kuberay-head-svc:8265/proxy" in job["address"]
 
@@ -328,6 +338,7 @@ def test_run_works_with_auto_and_tears_the_cluster_down(site_box: SiteBox, clust
     assert report["jobs"][0]["status"] == "SUCCEEDED" and report["torn_down"] is True
     assert "hello-from-slurm" in done.stderr
     assert not site_box.api.list("pods", labels="ray.io/cluster=acc-kuberay")
+    assert not site_box.api.list("pods", labels="hpcray.io/relay=acc-kuberay")  # gone with the release
 
 
 @pytest.mark.reliability(

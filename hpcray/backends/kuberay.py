@@ -6,8 +6,9 @@ command exits 130. A helm killed mid-install leaves a pending release that the n
 
 The Jobs API and the dashboard are reached the way the profile's `access` (or `--access`) says: a port-forward to
 the head pod (hpcray.portforward), opened for one command or kept by `hpcray dashboard` for every command while it
-runs; the API server's service proxy to the head's Service, with the kubeconfig's credentials; or a URL (an
-Ingress). `auto` takes the port-forward where the head pod's node has a real kubelet and the service proxy where it
+runs; the API server's service proxy to the head's Service, with the kubeconfig's credentials; a port-forward to a
+relay pod (`socat` on a regular node, forwarding to the head's Service; made on first use, owned by the RayCluster,
+removed with the release) where the API server cannot reach pod IPs; or a URL (an Ingress). `auto` takes the port-forward where the head pod's node has a real kubelet and the service proxy where it
 is an interLink virtual node, whose kubelet answers port-forward with 501.
 
 interLink profiles get a preflight against the virtual node before helm runs (hpcray.interlink), stop waiting as
@@ -41,6 +42,8 @@ from hpcray.tracking import PASSWORD_VAR, SECRET_KEYS, USERNAME_VAR, Credentials
 from hpcray.waiting import Deadline
 
 DASHBOARD_PORT = 8265
+RELAY_LABEL = "hpcray.io/relay"
+RELAY_WAIT_S = 180.0  # the relay pod's image pull and start
 WORKERS_JOIN_S = 120.0
 """How long after the Jobs API answers `up` waits for every pod's Ray node to join the head (interLink: its pods
 are Ready once their SLURM job runs, whatever Ray does in them)."""
@@ -71,6 +74,7 @@ class KubeRayBackend:
         self.selector = f"{kube.CLUSTER_LABEL}={profile.raycluster_name}"
         self.head_selector = f"{self.selector},{kube.HEAD_LABEL}=head"
         self.service = f"{profile.raycluster_name}-head-svc"
+        self.relay = f"{profile.raycluster_name}-relay"
         self.ref = profile_ref(profile.source)  # how the commands we suggest name the profile
 
     # -----------------------------------------------------------------------------------------------------------
@@ -311,8 +315,8 @@ class KubeRayBackend:
     @contextlib.contextmanager
     def access(self, progress: Progress, mode: str = "auto") -> Iterator[Endpoint]:
         """The Jobs API the way `mode` says, valid while the block runs: a URL as given; the API server's service
-        proxy; a port-forward of this command's own to the head pod (as `kubectl ray job submit` does), closed when
-        the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the port-forward where the head
+        proxy; a port-forward of this command's own to the head pod (as `kubectl ray job submit` does) or to the
+        relay pod, closed when the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the port-forward where the head
         pod's node has a real kubelet and the service proxy where it is an interLink virtual node. A port-forward
         to a pod on a virtual node is refused at once (AccessRefused), not retried."""
         if _is_url(mode):
@@ -323,25 +327,27 @@ class KubeRayBackend:
             yield Endpoint(forwarded)
             return
         k = kube.connect(self.release.where)
-        if self._way(k, mode) == "service-proxy":
+        way = self._way(k, mode)
+        if way == "service-proxy":
             yield kube.service_proxy(k, self.service, DASHBOARD_PORT)
             return
-        with self._forward(k, 0, progress).serving() as relay:
-            yield Endpoint(relay.url)
+        with self._forward(k, 0, progress, via_relay=way == "relay").serving() as forward:
+            yield Endpoint(forward.url)
 
     def _way(self, k: kube.Kube, mode: str) -> str:
-        """`port-forward` or `service-proxy`: `mode` with `auto` resolved by the Ready head pod's node.
+        """`port-forward`, `service-proxy` or `relay`: `mode` with `auto` resolved by the Ready head pod's node.
         ClusterError when there is no Ready head, AccessRefused for a port-forward to a virtual node."""
         state = portforward.ReadyPod(k, self.head_selector).state()
-        if mode == "service-proxy":
+        if mode in ("service-proxy", "relay"):
             return mode
         virtual = self._on_virtual_node(k, state.node)
         if mode == "port-forward" and virtual:
             raise AccessRefused(
                 f"the head pod {state.name} runs on {state.node}, an interLink virtual node, whose virtual kubelet "
                 f"answers port-forward with 501 Not Implemented; reach the Jobs API with --access service-proxy "
-                f"(through the API server, with your kubeconfig's credentials) or --access https://<the dashboard's "
-                f"Ingress>, or set the profile's access key to one of them")
+                f"(through the API server, with your kubeconfig's credentials), --access relay (a port-forward to a "
+                f"relay pod on a regular node) or --access https://<the dashboard's Ingress>, or set the profile's "
+                f"access key to one of them")
         return "service-proxy" if virtual else "port-forward"
 
     def _on_virtual_node(self, k: kube.Kube, node: str | None) -> bool:
@@ -363,14 +369,15 @@ class KubeRayBackend:
             on_ready(access)
             return
         k = kube.connect(self.release.where)
-        if self._way(k, access) == "service-proxy":
+        way = self._way(k, access)
+        if way == "service-proxy":
             path = f"/api/v1/namespaces/{self.namespace}/services/http:{self.service}:{DASHBOARD_PORT}/proxy/"
             progress(f"the head's dashboard is reached through the Kubernetes API server's service proxy, which "
                      f"needs your kubeconfig's credentials: run `kubectl proxy --port {port or 8001}` and open the "
                      "address below")
             on_ready(f"http://127.0.0.1:{port or 8001}{path}")
             return
-        relay = self._forward(k, port, progress)
+        relay = self._forward(k, port, progress, via_relay=way == "relay")
         recorded = self._dashboard_file()
         write_atomic(recorded, json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": self.namespace}))
         try:
@@ -383,8 +390,54 @@ class KubeRayBackend:
             relay.close()
             recorded.unlink(missing_ok=True)
 
-    def _forward(self, k: kube.Kube, port: int, progress: Progress) -> portforward.Relay:
-        return portforward.to_pod(k, self.head_selector, DASHBOARD_PORT, local_port=port, notice=progress)
+    def _forward(self, k: kube.Kube, port: int, progress: Progress, *, via_relay: bool = False) -> portforward.Relay:
+        """A port-forward to the head pod's dashboard, or to the relay pod's (made first where there is none)."""
+        if not via_relay:
+            return portforward.to_pod(k, self.head_selector, DASHBOARD_PORT, local_port=port, notice=progress)
+        self._ensure_relay(k, progress)
+        return portforward.to_pod(k, f"{RELAY_LABEL}={self.p.raycluster_name}", DASHBOARD_PORT, local_port=port,
+                                  notice=progress)
+
+    def _ensure_relay(self, k: kube.Kube, progress: Progress) -> None:
+        """The relay pod, Ready: `socat` on a regular node (never the virtual node: no toleration of its taint, and
+        an anti-affinity to its label) from its port 8265 to the head's Service, owned by the RayCluster so that it
+        goes with the release."""
+        rc = kube.get_raycluster(k, self.p.raycluster_name)
+        if rc is None:
+            raise ClusterError(f"RayCluster {self.p.raycluster_name} does not exist in namespace {self.namespace}; is "
+                               f"the cluster up? (`hpcray up -p {self.ref}`)")
+        if kube.create_pod(k, self._relay_pod(rc["metadata"]["uid"])):
+            progress(f"created relay pod {self.relay} ({self.p.kubernetes.relay_image}) forwarding to "
+                     f"{self.service}:{DASHBOARD_PORT}")
+        selector = f"{RELAY_LABEL}={self.p.raycluster_name}"
+        watch = kube.PodWatch(k, selector, progress)
+        if not watch.until(lambda pods: any(kube.pod_state(p).ready for p in pods.values()),
+                           deadline=Deadline(RELAY_WAIT_S), on_change=PodLines(progress)):
+            why = "; ".join(f"{s.phase}: {s.reason}" for s in map(kube.pod_state, watch.pods.values())) or "gone"
+            raise ClusterError(f"relay pod {self.relay} was not Ready within {_seconds(RELAY_WAIT_S)} ({why}); check "
+                               f"that regular nodes can pull kubernetes.relay_image, or use --access service-proxy")
+
+    def _relay_pod(self, owner_uid: str) -> kube.Obj:
+        not_virtual = [{"key": key, "operator": "NotIn", "values": ["virtual-kubelet"]}
+                       for key in ("virtual-node.interlink/type", "type")]
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": self.relay, "namespace": self.namespace,
+                         "labels": {RELAY_LABEL: self.p.raycluster_name, helm.MANAGED_LABEL: "true",
+                                    PROFILE_LABEL: self.name},
+                         "ownerReferences": [{"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                                              "name": self.p.raycluster_name, "uid": owner_uid}]},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": not_virtual}]}}},
+                "containers": [{
+                    "name": "relay", "image": self.p.kubernetes.relay_image,
+                    "args": [f"TCP-LISTEN:{DASHBOARD_PORT},fork,reuseaddr",
+                             f"TCP:{self.service}.{self.namespace}.svc:{DASHBOARD_PORT}"],
+                    "ports": [{"name": "dashboard", "containerPort": DASHBOARD_PORT}],
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                                  "limits": {"cpu": "200m", "memory": "64Mi"}}}]}}
 
     def _dashboard_file(self) -> Path:
         """Where a running `hpcray dashboard` records its pid and local port (so job commands find it)."""
@@ -405,7 +458,7 @@ class KubeRayBackend:
         h = helm.find_helm()
         return Plan(self.name, "kuberay", [
             Step("run:", argv=[h.path, *helm.uninstall_args(self.release)]),
-            Step(f"delete Secret {self.secret} in namespace {self.namespace}"),
+            Step(f"delete Secret {self.secret} and the relay pod {self.relay}, if any, in namespace {self.namespace}"),
             Step(f"wait until no pod labelled {self.selector} is left in namespace {self.namespace}")])
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
@@ -417,6 +470,8 @@ class KubeRayBackend:
                      f"no release {self.name} in namespace {k.namespace}; nothing to uninstall")
             if kube.delete_secret(k, self.secret):
                 progress(f"deleted Secret {self.secret}")
+            if kube.delete_pod(k, self.relay):  # its owner, the RayCluster, takes it too: this is sooner
+                progress(f"deleted relay pod {self.relay}")
             watch = kube.PodWatch(k, self.selector, progress)
             if not watch.until(lambda pods: not pods, deadline=Deadline(timeout), on_change=PodLines(progress)):
                 left = ", ".join(f"{s.name} ({s.phase})" for s in map(kube.pod_state, watch.pods.values()))
