@@ -8,7 +8,6 @@ head-only cluster with a one-minute walltime is started first, so that SLURM kil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -27,6 +26,7 @@ import yaml
 from tests.fake_interlink_net import in_netns
 from tests.fake_site_box import SiteBox
 from tests.fixtures_box import site_box  # noqa: F401  (the fixture)
+from tests.hpcray_cli import run as hpcray
 
 CHARTS = Path(os.environ.get("HPCRAY_CHARTS_DIR", "/work/shared/charts"))
 
@@ -56,11 +56,6 @@ def box_profile(box: SiteBox, directory: Path, name: str, **changes: Any) -> Pat
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
     return path
-
-
-def hpcray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcray.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def last_line(done: subprocess.CompletedProcess[str]) -> str:

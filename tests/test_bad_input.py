@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from hpcray.cli import main
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, FakeKubeAPI
 from tests.fake_ray_dashboard import FakeRayDashboard
 from tests.fixtures_tools import helm_path
+from tests.hpcray_cli import call as hpcray
 
 NOTHING = "nothing (no state file, process or file; no job, release or run)"
 NOTHING_LOCK = "nothing (at most the profile's empty lock file): no release, Secret, process or other file"
@@ -101,17 +101,6 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI", "HPCRAY_CHARTS_DIR", "HPCRAY_TEST_UNSET"):
         monkeypatch.delenv(name, raising=False)
     return World(root)
-
-
-def hpcray(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused(world: World, capsys: pytest.CaptureFixture[str], args: list[str], says: list[str], *,

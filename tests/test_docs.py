@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from hpcray.docs import profile_markdown
+from tests.hpcray_cli import run as hpcray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,10 +82,6 @@ def test_every_key_of_a_loaded_profile_is_in_the_reference(profile: str) -> None
 
     walk(data, "")
     assert missing == [], f"keys of the {profile} profile missing from docs/profile.md"
-
-
-def hpcray(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcray.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_bash_completion_script_is_valid_bash() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_tools import helm_path
+from tests.hpcray_cli import run
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".tools", "build", "dist", "*.egg-info", "__pycache__",
@@ -185,8 +186,8 @@ def user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def hpcray(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcray.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=60)
+    """hpcray of this checkout as the scratch user: their whole environment, in their directory."""
+    return run(*args, env=env, cwd=cwd, timeout=60)
 
 
 def local_profile(directory: Path, file: str, name: str) -> Path:

@@ -23,19 +23,17 @@ from hpcray.profile import ItwinaiSpec, JobSpec, load_profile
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV
 from tests.tcp_proxy import TcpProxy
+from tests.hpcray_cli import run, start
 
 pytestmark = pytest.mark.slow
-HPCRAY = str(Path(sys.executable).parent / "hpcray")
 
 
 def hpcray(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HPCRAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **QUIET_ENV, **(env or {})})
+    return run(*args, extra_env=env, timeout=timeout)
 
 
 def popen_hpcray(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([HPCRAY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **QUIET_ENV, **(env or {})})
+    return start(*args, extra_env=env)
 
 
 def uid(prefix: str) -> str:

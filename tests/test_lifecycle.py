@@ -16,7 +16,6 @@ import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -34,6 +33,7 @@ from hpcray.profile import load_profile
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, FakeKubeAPI
 from tests.fake_kuberay_operator import NODE
 from tests.fixtures_tools import helm_path
+from tests.hpcray_cli import run, start
 
 PASSWORD = "pw-7f3a9c-never-leaks"
 CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
@@ -91,13 +91,11 @@ def write_profile(tmp_path: Path, api: FakeKubeAPI, name: str = "lc", *, workers
 
 
 def hpcray(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcray.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **CREDENTIALS})
+    return run(*args, extra_env=CREDENTIALS, timeout=timeout)
 
 
 def start_hpcray(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "hpcray.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **CREDENTIALS})
+    return start(*args, extra_env=CREDENTIALS)
 
 
 def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:

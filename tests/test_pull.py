@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hpcray import images, slurm
-from hpcray.cli import main
 from hpcray.profile import load_profile
 from tests.fixtures_slurm import SlurmCluster
+from tests.hpcray_cli import call as hpcray
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = REPO / "tests" / "fake_singularity"
@@ -41,16 +41,6 @@ def fake_bin(tmp_path: Path, name: str = "singularity") -> Path:
     d.mkdir(exist_ok=True)
     (d / name).symlink_to(FAKE)
     return d
-
-
-def hpcray(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def spawn(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:

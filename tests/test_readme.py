@@ -7,10 +7,10 @@ import re
 import secrets
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.hpcray_cli import run
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN = {"up", "down", "submit", "run"}  # touch a cluster: the Vega flow runs them with --dry-run
@@ -41,8 +41,8 @@ def block_with(command: str) -> list[list[str]]:
 
 
 def hpcray(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcray.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    """A README command line, run from the checkout's root as the README's reader would."""
+    return run(*args, env=env, cwd=REPO)
 
 
 def test_readme_starts_with_the_two_setup_commands() -> None:
