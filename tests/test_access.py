@@ -8,7 +8,6 @@ head-only cluster with a one-minute walltime is started first, so that SLURM kil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
