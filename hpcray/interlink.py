@@ -158,7 +158,7 @@ def _tolerates(t: Obj, taint: Obj) -> bool:
 
 def _shown(res: str, value: Decimal) -> str:
     if res == "memory":
-        return f"{value / 10**9:.3g}G"
+        return f"{round(value / 10**9, 1).normalize():f}G"
     return f"{value.normalize():f}"
 
 

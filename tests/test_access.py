@@ -209,6 +209,28 @@ def test_a_port_forward_to_a_virtual_node_fails_at_once_naming_it(cluster: Path,
         assert "runs on vega-box-vk, an interLink virtual node" in line and "--access service-proxy" in line
     listed = hpcray("list", "-p", str(cluster), "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+    shown = hpcray("dashboard", "-p", str(cluster))  # a browser lacks the kubeconfig's token: kubectl proxy adds it
+    assert shown.returncode == 0 and "kubectl proxy --port" in shown.stderr, shown.stderr
+    assert shown.stdout.strip() == ("dashboard: http://127.0.0.1:8265/api/v1/namespaces/default/services/"
+                                    "http:acc-kuberay-head-svc:8265/proxy/")
+
+
+@pytest.mark.reliability(
+    case="bad input: an access the backend cannot use (`--access service-proxy` on the local backend, "
+         "`access: relay` in a local profile, `--access nowhere`)",
+    sees="one line naming the value and what works (auto or a URL for the local backend; the list of ways), exit 2",
+    remains="nothing")
+def test_ways_the_local_backend_has_no_use_for_are_refused(tmp_path: Path) -> None:
+    local = tmp_path / "here.yaml"
+    local.write_text("name: here\nbackend: local\n")
+    done = hpcray("list", "-p", str(local), "--access", "service-proxy")
+    assert done.returncode == 2 and "the local backend's head is on this machine: use auto" in last_line(done)
+    local.write_text("name: here\nbackend: local\naccess: relay\n")
+    done = hpcray("list", "-p", str(local))
+    assert done.returncode == 2 and "access: 'relay' is for a cluster on Kubernetes" in last_line(done), done.stderr
+    done = hpcray("list", "-p", str(local), "--access", "nowhere")
+    assert done.returncode == 2 and "'nowhere' is not one of auto, port-forward, service-proxy, relay or an " \
+        "http(s):// URL" in last_line(done), done.stderr
 
 
 def test_jobs_through_auto_the_service_proxy_a_relay_and_an_address(site_box: SiteBox, cluster: Path,  # noqa: F811

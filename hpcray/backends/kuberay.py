@@ -8,8 +8,9 @@ The Jobs API and the dashboard are reached the way the profile's `access` (or `-
 the head pod (hpcray.portforward), opened for one command or kept by `hpcray dashboard` for every command while it
 runs; the API server's service proxy to the head's Service, with the kubeconfig's credentials; a port-forward to a
 relay pod (`socat` on a regular node, forwarding to the head's Service; made on first use, owned by the RayCluster,
-removed with the release) where the API server cannot reach pod IPs; or a URL (an Ingress). `auto` takes the port-forward where the head pod's node has a real kubelet and the service proxy where it
-is an interLink virtual node, whose kubelet answers port-forward with 501.
+removed with the release) where the API server cannot reach pod IPs; or a URL (an Ingress). `auto` takes the
+port-forward where the head pod's node has a real kubelet and the service proxy where it is an interLink virtual
+node, whose kubelet answers port-forward with 501.
 
 interLink profiles get a preflight against the virtual node before helm runs (hpcray.interlink), stop waiting as
 soon as a pod's SLURM job has failed, and are up only once the Jobs API answers through the chosen access and the
@@ -171,7 +172,6 @@ class KubeRayBackend:
         from hpcray.jobs import JobsApi
         from hpcray.jobs.api import wait_for_api
 
-
         def head_stuck() -> str | None:
             for pod in kube.list_pods(k, self.head_selector):
                 log = kube.pod_log_tail(k, pod["metadata"]["name"], "ray-head")
@@ -316,9 +316,9 @@ class KubeRayBackend:
     def access(self, progress: Progress, mode: str = "auto") -> Iterator[Endpoint]:
         """The Jobs API the way `mode` says, valid while the block runs: a URL as given; the API server's service
         proxy; a port-forward of this command's own to the head pod (as `kubectl ray job submit` does) or to the
-        relay pod, closed when the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the port-forward where the head
-        pod's node has a real kubelet and the service proxy where it is an interLink virtual node. A port-forward
-        to a pod on a virtual node is refused at once (AccessRefused), not retried."""
+        relay pod, closed when the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the
+        port-forward where the head pod's node has a real kubelet and the service proxy where it is an interLink
+        virtual node. A port-forward to a pod on a virtual node is refused at once (AccessRefused), not retried."""
         if _is_url(mode):
             yield Endpoint(mode.rstrip("/"))
             return
