@@ -173,11 +173,16 @@ def apply_secret(kube: Kube, name: str, data: dict[str, Secret | str], labels: d
 
 def delete_secret(kube: Kube, name: str) -> bool:
     """False when there was no such Secret."""
+    return _delete(kube, "secrets", name, f"Secret {name}")
+
+
+def _delete(kube: Kube, resource: str, name: str, what: str) -> bool:
+    """DELETE one object of a core resource (`secrets`, `pods`) in the target's namespace; False when it was absent."""
     from kubernetes.client.rest import ApiException
 
-    with api_errors(kube, f"delete Secret {name}"):
+    with api_errors(kube, f"delete {what}"):
         try:
-            kube.request("DELETE", "/api/v1/namespaces/{ns}/secrets/{name}", ns=kube.namespace, name=name)
+            kube.request("DELETE", f"/api/v1/namespaces/{{ns}}/{resource}/{{name}}", ns=kube.namespace, name=name)
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -401,16 +406,7 @@ def create_pod(kube: Kube, body: Obj) -> bool:
 
 def delete_pod(kube: Kube, name: str) -> bool:
     """False when there was no such pod."""
-    from kubernetes.client.rest import ApiException
-
-    with api_errors(kube, f"delete pod {name}"):
-        try:
-            kube.request("DELETE", "/api/v1/namespaces/{ns}/pods/{name}", ns=kube.namespace, name=name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-    return True
+    return _delete(kube, "pods", name, f"pod {name}")
 
 
 def pod_log_tail(kube: Kube, pod: str, container: str, lines: int = 50) -> str:
