@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,11 +140,14 @@ class LocalBackend:
                 self._stop(st, progress, deadline)
             try:
                 st = self._start(env, ttl_s, progress)
-                with concurrent.futures.ThreadPoolExecutor(1) as pool:  # MLflow's import overlaps the head's start
-                    store = pool.submit(self._prepare_store)
-                    self._wait_ready(st, deadline, progress)
-                    if warning := store.result():
-                        progress(f"hpcray: warning: {warning}")
+                # MLflow's import overlaps the head's start. A daemon thread, not a pool: an interrupted `up` must
+                # go straight to the teardown below, never wait on (or, at exit, join) a store still being made.
+                store: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+                threading.Thread(target=_settle, args=(store, self._prepare_store), daemon=True,
+                                 name="hpcray-mlflow-store").start()
+                self._wait_ready(st, deadline, progress)
+                if warning := store.result(timeout=max(deadline.left, 30.0)):
+                    progress(f"hpcray: warning: {warning}")
             except BaseException:
                 st = self._load()
                 if st or find_leftovers(self.temp_dir):
@@ -345,6 +349,14 @@ class LocalBackend:
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
+
+
+def _settle(future: concurrent.futures.Future[str | None], work: Callable[[], str | None]) -> None:
+    """Run `work` in this thread and put its result (or its exception) in `future`."""
+    try:
+        future.set_result(work())
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+        future.set_exception(exc)
 
 
 def find_leftovers(temp_dir: str) -> list[int]:
