@@ -52,6 +52,7 @@ from tests.fake_interlink import FakeVirtualKubelet
 from tests.fake_interlink_net import PodNetwork
 from tests.fake_interlink_plugin import PluginConfig, SlurmPlugin
 from tests.fake_kube_api import FakeKubeAPI, default_crd
+from tests.fixtures_servers import stop_group
 from tests.fixtures_slurm import SlurmCluster, skip_reason, start_slurm, stop_slurm
 
 TESTS = Path(__file__).resolve().parent
@@ -90,20 +91,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            proc.poll()
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 class SiteBox:
@@ -237,7 +224,7 @@ class SiteBox:
             self.api.stop()
             self.api = None
         if self._mlflow is not None:
-            _stop_group(self._mlflow)
+            stop_group(self._mlflow)
             self._mlflow = None
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -115,7 +115,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         _wait_health(url, proc, log_path)
         yield MlflowServer(url=url, admin=admin)
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 def _wait_health(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -132,11 +132,11 @@ def _wait_health(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> Non
         time.sleep(0.3)
     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
     state = f"exited with {proc.returncode}" if proc.returncode is not None else f"no /health in {START_TIMEOUT_S} s"
-    _stop_group(proc)
+    stop_group(proc)
     pytest.fail(f"mlflow server at {url} {state}; last lines of {log_path}:\n{tail}", pytrace=False)
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the server's process group (it leads its own session), SIGKILL what is left after 10 s."""
     for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
