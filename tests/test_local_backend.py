@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from hpcray.backends import local
 from hpcray.backends.local import find_leftovers
-from hpcray.errors import ClusterError, CredentialsError
+from hpcray.errors import ClusterError, ClusterNotReady, CredentialsError
 from hpcray.secrets import Secret
 from hpcray.tracking import Credentials
 from tests.fixtures_servers import START_TIMEOUT_S, RayHead, local_backend, local_profile
@@ -168,6 +169,28 @@ def test_a_head_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path
     backend = local_backend(local_profile("broken"), tmp_path / "state")
     with pytest.raises(ClusterError, match=r"(?s)exited while starting.*head\.log.*--no-such-option"):
         backend.up(timeout=START_TIMEOUT_S, progress=print)
+    assert not (backend.dir / "local.json").exists()
+    assert find_leftovers(backend.temp_dir) == []
+
+
+@pytest.mark.reliability(
+    case="fault: the local MLflow store is still being made when the head is ready and the wait runs out",
+    sees="`local cluster 'NAME': the MLflow store sqlite:///… was still being set up N s after the head was ready; "
+         "check …`, exit 4",
+    remains="nothing: the head is stopped, no state file")
+def test_a_store_that_never_finishes_is_one_line_and_stops_the_head(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    hung = threading.Event()
+    monkeypatch.setattr(local.LocalBackend, "_prepare_store", lambda self: hung.wait(60))
+    monkeypatch.setattr(local, "STORE_GRACE_S", 0.5)
+    monkeypatch.setattr(local.LocalBackend, "_wait_ready", lambda *args: None)  # the head counts as ready at once
+    backend = local_backend(local_profile("hung", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), tmp_path / "state")
+    try:
+        with pytest.raises(ClusterNotReady, match=r"the MLflow store sqlite:///\S+ was still being set up") as err:
+            backend.up(timeout=1, progress=print)
+    finally:
+        hung.set()
+    assert "\n" not in str(err.value) and err.value.exit_code == ClusterNotReady.exit_code
     assert not (backend.dir / "local.json").exists()
     assert find_leftovers(backend.temp_dir) == []
 

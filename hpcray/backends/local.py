@@ -49,6 +49,7 @@ NAMED_PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-ag
 WORKER_OFFSET = 16  # worker ports: the rest of the block
 
 TERM_GRACE_S = 10.0
+STORE_GRACE_S = 30.0  # how long a ready head waits at least for the MLflow store being made beside it
 
 
 @dataclass
@@ -146,7 +147,16 @@ class LocalBackend:
                 threading.Thread(target=_settle, args=(store, self._prepare_store), daemon=True,
                                  name="hpcray-mlflow-store").start()
                 self._wait_ready(st, deadline, progress)
-                if warning := store.result(timeout=max(deadline.left, 30.0)):
+                grace = max(deadline.left, STORE_GRACE_S)
+                try:
+                    warning = store.result(timeout=grace)
+                except concurrent.futures.TimeoutError:
+                    raise ClusterNotReady(
+                        f"local cluster '{self.name}': the MLflow store {self.p.mlflow.tracking_uri} was still being "
+                        f"set up {grace:.0f} s after the head was ready; "
+                        "check that its directory is writable and not on a hung filesystem, then run up again"
+                    ) from None
+                if warning:
                     progress(f"hpcray: warning: {warning}")
             except BaseException:
                 st = self._load()
