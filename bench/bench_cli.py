@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import BIN, HEADER, Result, measure_pair, timed_command
+from common import BIN, HEADER, Result, measure_pair, prepare_environment, timed_command
 
 COMMAND = "python bench/bench_cli.py"
 
@@ -20,6 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
+    prepare_environment()
     rows = results(args.runs)
     print(HEADER)
     print("\n".join(r.row() for r in rows))

@@ -17,7 +17,7 @@ import tempfile
 import time
 from unittest import mock
 
-from common import BIN, HEADER, QUIET, REPO, Result, Stats
+from common import BIN, HEADER, QUIET, REPO, Result, Stats, prepare_environment
 
 sys.path.insert(0, str(REPO))
 COMMAND = "HPCRAY_STATE_DIR=$(mktemp -d) make demo"
@@ -87,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    prepare_environment()
     rows = results(args.runs)
     print(HEADER)
     print("\n".join(r.row() for r in rows))

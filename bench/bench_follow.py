@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from bench_submit import ray_cli_env
-from common import BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine
+from common import BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine, prepare_environment
 
 sys.path.insert(0, str(REPO))
 from tests.tcp_proxy import TcpProxy  # noqa: E402 - after the path is set
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=100, help="size of the job's log")
     ap.add_argument("--address", help="Jobs API of a running Ray head (default: start a local one)")
     args = ap.parse_args()
-    os.environ.update(QUIET)
+    prepare_environment()
     load = loadavg()
     with local_head(args.address) as address:
         rows = results(address, args.runs, args.mib)

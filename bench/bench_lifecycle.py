@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import HEADER, QUIET, REPO, Result, Stats, loadavg, machine
+from common import HEADER, QUIET, REPO, Result, Stats, loadavg, machine, prepare_environment
 
 sys.path.insert(0, str(REPO))
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, PODS, FakeKubeAPI  # noqa: E402
@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--helm", type=int, default=4, choices=(3, 4))
     args = ap.parse_args()
+    prepare_environment()
     load = loadavg()
     rows = results(args.runs, args.helm)
     print(f"<!-- {machine()}; load average at start {load} -->")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import (BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine, measure_pair, timed,
-                    timed_command)
+                    prepare_environment, timed_command)
 
 sys.path.insert(0, str(REPO))
 COMMAND = "python bench/bench_submit.py"
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--address", help="Jobs API of a running Ray head (default: start a local one)")
     args = ap.parse_args()
-    os.environ.update(QUIET)
+    prepare_environment()
     load = loadavg()
     with local_head(args.address) as address:
         rows = results(address, args.runs)

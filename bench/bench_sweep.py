@@ -13,7 +13,8 @@ import argparse
 import os
 
 from bench_submit import ray_cli_env
-from common import BIN, HEADER, QUIET, Result, Stats, loadavg, local_head, machine, timed, timed_command
+from common import (BIN, HEADER, QUIET, Result, Stats, loadavg, local_head, machine, prepare_environment, timed,
+                    timed_command)
 
 ENTRYPOINT = ["python", "-c", "print(1)"]  # both CLIs quote an argv after `--`: python -c 'print(1)'
 SHOWN = "python -c 'print(1)'"
@@ -40,7 +41,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=50)
     ap.add_argument("--address", help="Jobs API of a running Ray head (default: start a local one)")
     args = ap.parse_args()
-    os.environ.update(QUIET)
+    prepare_environment()
     load = loadavg()
     with local_head(args.address) as address:
         rows = results(address, args.jobs)

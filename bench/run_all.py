@@ -24,7 +24,7 @@ import bench_follow
 import bench_lifecycle
 import bench_submit
 import bench_sweep
-from common import HEADER, QUIET, REPO, Result, loadavg, local_head, machine
+from common import HEADER, QUIET, REPO, Result, loadavg, local_head, machine, prepare_environment
 
 SECTIONS = ("cli", "lifecycle", "submit", "follow-log", "sweep", "demo")
 GPU_BEGIN, GPU_END = "<!-- gpu-proof -->", "<!-- /gpu-proof -->"
@@ -219,11 +219,14 @@ def reading(results: list[Result]) -> list[str]:
             after = by_what.get("… of which after the job ended")
             cold = by_what.get("cold start: `hpcray --help` vs `ray job --help`")
             if before and after:
+                sys.path.insert(0, str(REPO))
+                from hpcray.jobs.follow import STATUS_POLL_S as poll_s
+
                 why = (f"hpcray's {r.ours.median:.2f} s is {before.ours.median:.2f} s before the head accepted the "
                        f"job (the command's start and imports, the Jobs API and Ray version checks, the "
                        f"submission{f'; `hpcray --help` alone took {cold.ours.median:.2f} s' if cold else ''}) and "
                        f"{after.ours.median:.2f} s after the job ended (noticing the end: the status is polled every "
-                       f"0.1 s while the job is young; one read of its short log; the exit), each inflated by the "
+                       f"{poll_s:g} s while the job is young; one read of its short log; the exit), each inflated by the "
                        f"load average above (a 2-core machine shared with a Ray head running the job). "
                        f"`python bench/bench_submit.py` on a quiet machine measures it without that load.")
         elif name.startswith("`make demo`"):
@@ -274,7 +277,7 @@ def main() -> None:
     only = set(args.only.split(","))
     if only - set(SECTIONS):
         ap.error(f"--only: unknown {','.join(sorted(only - set(SECTIONS)))}")
-    os.environ.update(QUIET)
+    prepare_environment()
     started, load_at_start, commit = time.time(), loadavg(), git_commit()
     results, log = run_sections(only, args.runs, args.demo_runs, args.sweep_jobs, args.follow_runs)
     text = document(results, log, ["run_all.py", *sys.argv[1:]], started, load_at_start,
