@@ -4,7 +4,7 @@ listing jobs.
 The log comes over Ray's log-tail websocket, what `ray job logs -f` reads: each byte once, as Ray reads the job's
 log file (it looks again about every second while the job is quiet); a job that ends within 2 s of starting is
 shown with one read at its end instead. The end is noticed from the job's status, polled at an interval that grows
-with the job's age (4 % of it, from 0.1 s up to 5 s), or from Ray closing the stream, which it does once the job
+with the job's age (4 % of it, from 0.05 s up to 5 s), or from Ray closing the stream, which it does once the job
 has ended and the whole log is sent. A stream that drops mid-job is opened again and what it resends is skipped;
 where none can be opened (a proxy that refuses websocket upgrades) the whole log is re-read every few seconds
 instead, and a line says so.
@@ -30,7 +30,7 @@ TERMINAL = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_JOB_FAILED, "STOPPED": EXIT_JOB
 
 POLL_S = 0.2
 """Status poll period when waiting for a stopped job's end; the fallback's log poll period for a short log."""
-STATUS_POLL_S, STATUS_POLL_SHARE, STATUS_POLL_MAX_S = 0.1, 0.04, 5.0
+STATUS_POLL_S, STATUS_POLL_SHARE, STATUS_POLL_MAX_S = 0.05, 0.04, 5.0
 """While following: the job's status is polled every STATUS_POLL_SHARE of its age, within these bounds."""
 STREAM_AFTER_S = 2.0
 """A job seen starting gets the log stream once it has run this long (one already running gets it at once): a
