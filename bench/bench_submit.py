@@ -21,8 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from common import (BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine, measure_pair, timed,
-                    prepare_environment, timed_command)
+from common import (BIN, HEADER, QUIET, REPO, Result, Stats, loadavg, local_head, machine, measure, measure_pair,
+                    prepare_environment, timed, timed_command)
 
 sys.path.insert(0, str(REPO))
 COMMAND = "python bench/bench_submit.py"
@@ -92,6 +92,9 @@ def results(address: str, runs: int = 5) -> list[Result]:
                            Stats(ours_parts["before"]), Stats(theirs_parts["before"]), "—", COMMAND))
         rows.append(Result("… of which after the job ended (noticing the end, the rest of the log, exit)",
                            Stats(ours_parts["after"]), Stats(theirs_parts["after"]), "—", COMMAND))
+        floor = measure(timed_command([str(BIN / "python"), "-c", "import click, yaml, urllib.request"]), runs)
+        rows.append(Result("for reference: a Python that imports the libraries hpcray's CLI stands on (click, PyYAML, "
+                           "urllib) and exits", floor, None, "—", COMMAND))
     return rows
 
 

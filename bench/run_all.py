@@ -218,6 +218,7 @@ def reading(results: list[Result]) -> list[str]:
             before = by_what.get("… of which before the head accepted the job")
             after = by_what.get("… of which after the job ended")
             cold = by_what.get("cold start: `hpcray --help` vs `ray job --help`")
+            floor = by_what.get("for reference: a Python that imports the libraries hpcray's CLI stands on")
             if before and after:
                 sys.path.insert(0, str(REPO))
                 from hpcray.jobs.follow import STATUS_POLL_S as poll_s
@@ -227,7 +228,8 @@ def reading(results: list[Result]) -> list[str]:
                        f"submission{f'; `hpcray --help` alone took {cold.ours.median:.2f} s' if cold else ''}) and "
                        f"{after.ours.median:.2f} s after the job ended (noticing the end: the status is polled every "
                        f"{poll_s:g} s while the job is young; one read of its short log; the exit), each inflated by the "
-                       f"load average above (a 2-core machine shared with a Ray head running the job). "
+                       f"load average above (a 2-core machine shared with a Ray head running the job)"
+                       f"{f'; a Python that only imports click, PyYAML and urllib took {floor.ours.median:.2f} s' if floor else ''}. "
                        f"`python bench/bench_submit.py` on a quiet machine measures it without that load.")
         elif name.startswith("`make demo`"):
             parts = [x for x in results if x.what.startswith("… of which") and x.command == r.command]
