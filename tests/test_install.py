@@ -9,8 +9,9 @@ for one more local head (the upload check); the fast tests below take ~10 s.
 Dependencies: a real `pip install` of the wheel with its ~130 dependencies (1.3 GB) took 2 min 20 s to 4 min 15 s
 here, so the new venv borrows them from the running interpreter's site-packages through a .pth file (a plain path:
 that directory's own .pth files, such as an editable install of this checkout, stay inactive) while hpcray itself
-comes only from the wheel (`pip install --no-deps`). `ray` and `mlflow` executables, which the local backend starts
-from beside its Python, are made beside the new one as pip makes console scripts.
+comes only from the wheel (`pip install --no-deps`). No `ray` or `mlflow` console script is made beside the new
+Python, as with `pip install --user` (scripts in ~/.local/bin, maybe not on PATH): the local backend starts both as
+`python -m` modules of its own Python.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -57,12 +57,6 @@ def _step(argv: list[str], **kwargs: object) -> str:
     return str(done.stdout + done.stderr)
 
 
-def _console_script(python: Path, name: str) -> str:
-    [target] = {ep.value for ep in entry_points(group="console_scripts", name=name)}  # mlflow-skinny has one too
-    module, attr = target.split(":")
-    return f"#!{python}\nimport sys\nfrom {module} import {attr}\nsys.exit({attr}())\n"
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     scratch = tmp_path_factory.mktemp("user")
@@ -86,10 +80,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                          env=env).strip())
     borrowed = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (purelib / "hpcray_test_borrowed_deps.pth").write_text("".join(f"{p}\n" for p in borrowed))
-    for name in ("ray", "mlflow"):
-        script = venv / "bin" / name
-        script.write_text(_console_script(python, name))
-        script.chmod(0o755)
     return Installed(root, python, venv / "bin" / "hpcray", env, build_output, install_output)
 
 
@@ -152,6 +142,7 @@ def test_render_vega_then_a_site_profile_made_by_init(installed: Installed, char
 
 @pytest.mark.slow
 def test_local_training_and_hpo_run_from_the_installed_package(installed: Installed) -> None:
+    assert not {"ray", "mlflow"} & {p.name for p in installed.python.parent.iterdir()}  # as with pip install --user
     done = installed.run("run", "-p", "local", "training", "hpo", "--json", timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -281,8 +281,6 @@ class LocalBackend:
         return st
 
     def _spawn(self, argv: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
-        if not os.access(argv[0], os.X_OK):
-            raise ToolMissing(f"{argv[0]} not found: reinstall hpcray with its dependencies in {sys.prefix}")
         with open(self.dir / log_name, "wb") as log:
             return subprocess.Popen(argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -446,8 +444,19 @@ def _child_env(temp_dir: str, extra: dict[str, Secret | str]) -> dict[str, str]:
     return env
 
 
+def _python_m(module: str) -> list[str]:
+    """`python -m module` with this Python: its console script may be elsewhere (`pip install --user` puts it in
+    ~/.local/bin) or nowhere on PATH, the module is where this Python imports it from."""
+    import importlib.util
+
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ToolMissing(f"{module.split('.')[0]} is not installed for {sys.executable}: install hpcray with its "
+                          f"dependencies there (pip install hpcray)")
+    return [sys.executable, "-m", module]
+
+
 def _ray_argv(ports: dict[str, int], temp_dir: str, num_cpus: int | None, num_gpus: int | None) -> list[str]:
-    argv = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+    argv = [*_python_m("ray.scripts.scripts"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
             "--disable-usage-stats"]
     for name in NAMED_PORTS:
@@ -462,7 +471,7 @@ def _ray_argv(ports: dict[str, int], temp_dir: str, num_cpus: int | None, num_gp
 
 
 def _mlflow_argv(port: int, directory: Path) -> list[str]:
-    return [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+    return [*_python_m("mlflow"), "server", "--host", "127.0.0.1",
             "--port", str(port), "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
             "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"]
 
