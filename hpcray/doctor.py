@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Literal, T
 from hpcray import helm, images, interlink, kube, targets
 from hpcray.errors import EXIT_OK, EXIT_USAGE, HpcrayError
 from hpcray.profile import Profile, load_profile, profile_ref
-from hpcray.tracking import Credentials, CredentialPlan, credential_plan, preflight, takes_login
+from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight, takes_login
 
 if TYPE_CHECKING:
     from hpcray.backends.base import Backend, ClusterStatus
@@ -258,8 +258,10 @@ def check_image_ray(image_version: str | None, client: str | None) -> Result:
     try:
         check_versions(image_version, client, None, warnings.append)
     except HpcrayError as exc:
-        return _from_error("image-ray", exc)
-    return _warned("image-ray", warnings, f"image.ray_version {image_version} and this client's Ray {client} match")
+        failed = _from_error("image-ray", exc)
+        return dataclasses.replace(failed, detail=f"image.ray_version {image_version}: {failed.detail}")
+    return _warned("image-ray", [f"image.ray_version {image_version}: {w.removeprefix('warning: ')}" for w in warnings],
+                   f"image.ray_version {image_version} and this client's Ray {client} match")
 
 
 def check_ray_binary() -> Result:
@@ -378,7 +380,7 @@ def doctor(ref: str, *, access: str | None = None, timeout: float = 20.0, progre
             check_ports(p.local.dashboard_port)
     yield _mlflow(p, backend, plan, credentials, bounded, timeout)
     if status is None:
-        yield _skip("jobs-api", "needs helm and the Kubernetes API (see above)")
+        yield _skip("jobs-api", "needs helm, the Kubernetes API and the namespace (see above)")
     elif isinstance(status, Result):
         yield status
     elif not status.ready:
@@ -444,4 +446,4 @@ def _kuberay_checks(p: Profile, bounded: Any, timeout: float) -> Generator[Resul
     if p.interlink.enabled:
         yield bounded("virtual-node", f"checking interLink virtual node {p.interlink.node}", check_virtual_node, p, k,
                       selector)
-    return h is not None
+    return h is not None and namespace.status != "fail"
