@@ -340,6 +340,11 @@ def check_jobs_api(backend: Backend, access: str, image_version: str | None, pro
 # ---------------------------------------------------------------------------------------------------------------
 
 
+BACKSTOP_S = 1.0
+"""A check's own requests time out after `timeout`; the check as a whole is given up this much later (for the calls
+that have a longer limit of their own, like helm's)."""
+
+
 def doctor(ref: str, *, access: str | None = None, timeout: float = 20.0, progress: Say) -> Iterator[Result]:
     """The checks that apply to the profile's backend, in order, each within `timeout` seconds."""
     result, p = check_profile(ref)
@@ -351,7 +356,7 @@ def doctor(ref: str, *, access: str | None = None, timeout: float = 20.0, progre
     def bounded(check: str, doing: str, fn: Callable[..., T], *args: Any) -> T | Result:
         progress(f"doctor: {doing} …")
         try:
-            return _within(timeout, fn, *args)
+            return _within(timeout + BACKSTOP_S, fn, *args)
         except _TimedOut:
             return Result(check, "fail", f"{doing} did not finish within {timeout:.0f} s",
                           "check that it is reachable from here (a firewall that drops packets, a VPN that is down), "
