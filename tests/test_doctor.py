@@ -214,6 +214,28 @@ def test_a_good_kuberay_profile_is_all_ok_and_creates_nothing(kube_api: FakeKube
     assert "doctor: reaching the Kubernetes API at" in stderr  # progress on stderr, results on stdout
 
 
+def test_with_a_kuberay_cluster_up_doctor_reaches_its_jobs_api_through_the_port_forward(
+        kube_api: FakeKubeAPI, kube_env: dict[str, str], mlflow_server: MlflowServer, ray_head: RayHead,
+        tmp_path: Path) -> None:
+    """The head pod (on a regular node) runs the session's real Ray head: doctor opens the port-forward the job
+    commands would (access auto) and reads the running cluster's Ray version."""
+    profile = kuberay_profile(tmp_path, kube_api, mlflow_server, name="docup", interlink={"enabled": False})
+    assert run("up", "-p", str(profile), extra_env=kube_env, timeout=120).returncode == 0
+    host, port = ray_head.address.removeprefix("http://").split(":")
+    kube_api.serve_pod_port("ray.io/cluster=docup-kuberay,ray.io/node-type=head", 8265, (host, int(port)))
+    try:
+        forwards = sum("/portforward" in r for r in kube_api.requests)
+        code, results, stderr = doctor(profile, env=kube_env)
+        assert code == 0, (results, stderr)
+        assert "virtual-node" not in results  # not an interLink profile
+        assert results["jobs-api"]["status"] == "ok" and "access auto" in results["jobs-api"]["detail"]
+        assert results["cluster-ray"] == {"check": "cluster-ray", "status": "ok",
+                                          "detail": f"the cluster runs Ray {RAY}, this client {RAY}", "fix": ""}
+        assert sum("/portforward" in r for r in kube_api.requests) > forwards
+    finally:
+        assert run("down", "-p", str(profile), extra_env=kube_env, timeout=120).returncode == 0
+
+
 @pytest.mark.reliability(
     case="bad input: `hpcray doctor` where the chart is nowhere: HPCRAY_CHARTS_DIR names a missing folder and the "
          "repository cannot be reached",
