@@ -58,9 +58,9 @@ def line(r: Result) -> str:
     return f"{r.status:<4}  {r.check:<18}  {r.detail}{fix}"
 
 
-def _from_error(check: str, exc: HpcrayError, status: Status = "fail") -> Result:
+def _from_error(check: str, exc: HpcrayError) -> Result:
     detail, _, fix = " ".join(str(exc).split()).partition("; ")
-    return Result(check, status, detail, fix)
+    return Result(check, "fail", detail, fix)
 
 
 def _warned(check: str, warnings: list[str], ok: str) -> Result:

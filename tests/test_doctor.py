@@ -363,6 +363,25 @@ def test_a_missing_namespace_fails_the_namespace_check(kube_api: FakeKubeAPI, ku
 
 
 @pytest.mark.reliability(
+    case="bad input: `hpcray doctor` against a Kubernetes cluster without KubeRay's CRDs",
+    sees="`fail  kuberay  the API server at … does not serve ray.io/v1 RayClusters: KubeRay's CRDs are not "
+         "installed, so helm cannot create the cluster; fix: ask the cluster admin to install the KubeRay operator …`, "
+         "exit 2",
+    remains="nothing")
+def test_a_cluster_without_kuberay_fails_the_kuberay_check(kube_env: dict[str, str], mlflow_server: MlflowServer,
+                                                           tmp_path: Path) -> None:
+    with FakeKubeAPI(crds=[], operator=False) as bare:
+        bare.create({"apiVersion": "v1", "kind": "Node", **interlink_node(NODE, pod_cidr="10.10.0.0/24")})
+        bare.write_kubeconfig(tmp_path / "kubeconfig")
+        code, results, _ = doctor(kuberay_profile(tmp_path, bare, mlflow_server), env=kube_env)
+    assert code == 2
+    assert results["kuberay"]["status"] == "fail" and "does not serve ray.io/v1 RayClusters" in \
+        results["kuberay"]["detail"]
+    assert results["kuberay"]["fix"].startswith("ask the cluster admin to install the KubeRay operator")
+    assert {c for c, r in results.items() if r["status"] == "fail"} == {"kuberay"}
+
+
+@pytest.mark.reliability(
     case="bad input: `hpcray doctor` on an interLink profile whose virtual node does not exist",
     sees="`fail  virtual-node  preflight of … failed, nothing was installed: interLink virtual node … does not "
          "exist (`kubectl get nodes` lists the nodes); fix: fix interlink.node, or ask the site …`, exit 2",
