@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test vega-box render up submit down run status pull sif docs wheel bench bench-gpu clean help
+.PHONY: install demo test vega-box render doctor up submit down run status pull sif docs wheel bench bench-gpu clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,9 @@ vega-box: install .tools/helm3/helm  ## the Vega flow on the site in a box (inte
 
 render: install  ## print the Helm values of PROFILE
 	$(BIN)/hpcray render --profile $(PROFILE)
+
+doctor: install  ## every check hpcray can make for PROFILE before HPC hours are spent
+	$(BIN)/hpcray doctor --profile $(PROFILE)
 
 up: install  ## bring up PROFILE's cluster
 	$(BIN)/hpcray up --profile $(PROFILE)

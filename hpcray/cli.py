@@ -709,6 +709,38 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
     sys.exit(report.exit_code)
 
 
+@cli.command("doctor")
+@profile_option
+@access_option
+@click.option("--timeout", default="20s", show_default=True, metavar="DURATION",
+              help="The longest one check may take (a server that never answers fails its check after it).")
+@json_option
+def doctor_cmd(profile_ref: str, access: str | None, timeout: str, as_json: bool) -> None:
+    """Check everything hpcray can before HPC hours are spent: the profile, helm, the chart and values, Kubernetes
+    (kubeconfig, API server, namespace, KubeRay's CRD, rights), interLink's virtual node, the SIF file, Ray versions,
+    MLflow (reachable, credentials, experiment writable) and, when a cluster is up, the Jobs API. Creates nothing on
+    the cluster.
+
+    \b
+    One line per check: ok, warn, fail or skip (why it cannot be known from here), with the fix when not ok;
+    --json: a list of {check, status, detail, fix}. Progress on stderr.
+    Exit code: the worst result's: 0 all ok or skipped, 1 a warning, 2 a failure.
+    """
+    from dataclasses import asdict
+
+    from hpcray import doctor
+
+    results = []
+    for result in doctor.doctor(profile_ref, access=access, timeout=duration(timeout, "--timeout"),
+                                progress=echo_err):
+        results.append(result)
+        if not as_json:
+            click.echo(doctor.line(result))
+    if as_json:
+        print_json([asdict(r) for r in results])
+    sys.exit(doctor.exit_code(results))
+
+
 def usage_error(exc: click.ClickException) -> NoReturn:
     """A wrong flag, value or argument: one line naming it and where to read more, exit 2 (not click's four)."""
     from hpcray.errors import EXIT_USAGE

@@ -169,9 +169,16 @@ def cache_dir() -> Path:
     return Path(root) / "hpcray" / "charts"
 
 
-def _chart_dirs() -> list[Path]:
+def chart_dirs() -> list[Path]:
+    """Where packaged charts are looked for: each folder of $HPCRAY_CHARTS_DIR, then the cache."""
     dirs = [Path(d) for d in os.environ.get("HPCRAY_CHARTS_DIR", "").split(os.pathsep) if d]
     return dirs + [cache_dir()]
+
+
+def find_chart(chart: Chart) -> Path | None:
+    """`<name>-<version>.tgz` in $HPCRAY_CHARTS_DIR or the cache; None when none has it."""
+    filename = f"{chart.name}-{chart.version}.tgz"
+    return next((d / filename for d in chart_dirs() if (d / filename).is_file()), None)
 
 
 def resolve_chart(helm: Helm | None, chart: Chart) -> Path:
@@ -179,9 +186,8 @@ def resolve_chart(helm: Helm | None, chart: Chart) -> Path:
     if chart.path:
         return chart.path
     filename = f"{chart.name}-{chart.version}.tgz"
-    for d in _chart_dirs():
-        if (d / filename).is_file():
-            return d / filename
+    if found := find_chart(chart):
+        return found
     if helm is None:
         helm = find_helm()
     dest = cache_dir()
@@ -194,6 +200,13 @@ def resolve_chart(helm: Helm | None, chart: Chart) -> Path:
                          f"from {chart.repo} ({exc}); set chart.path to a .tgz or HPCRAY_CHARTS_DIR to a folder of "
                          "charts") from None
     return dest / filename
+
+
+def check_remote_chart(helm: Helm, chart: Chart, timeout: float) -> None:
+    """That the chart's repository answers and has the chart at its version (`helm show chart`); HelmError says why
+    not. Nothing is written to hpcray's chart cache."""
+    run(helm, ["show", "chart", chart.name, "--repo", chart.repo, "--version", chart.version], timeout=timeout,
+        what=f"helm show chart {chart.name} --version {chart.version} --repo {chart.repo}")
 
 
 def template(helm: Helm, chart: Chart, release: Release, values_yaml: str) -> str:
@@ -217,7 +230,7 @@ def raycluster_crd_schema(helm: Helm | None, chart: Chart) -> dict[str, Any] | N
 
     version = chart.version
     dirs = [Path(d) for d in os.environ.get("HPCRAY_CRD_DIR", "").split(os.pathsep) if d]
-    dirs += [d / "crds" for d in _chart_dirs()]
+    dirs += [d / "crds" for d in chart_dirs()]
     source = next((d / f"ray.io_rayclusters-{version}.yaml" for d in dirs
                    if (d / f"ray.io_rayclusters-{version}.yaml").is_file()), None)
     if source is None:

@@ -216,6 +216,26 @@ def get_raycluster(kube: Kube, name: str) -> Obj | None:
             raise
 
 
+def server_version(kube: Kube, timeout: float = 10) -> str:
+    """The API server's Kubernetes version (`/version`)."""
+    with api_errors(kube, "read the server's version"):
+        return str(kube.request("GET", "/version", timeout=timeout).get("gitVersion", "unknown"))
+
+
+def rayclusters_served(kube: Kube, timeout: float = 10) -> bool:
+    """Whether the API server serves KubeRay's RayCluster resource (its CRD is installed)."""
+    from kubernetes.client.rest import ApiException
+
+    with api_errors(kube, "read the ray.io/v1 API group"):
+        try:
+            found = kube.request("GET", RAYCLUSTERS, timeout=timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+    return any(r.get("name") == "rayclusters" for r in found.get("resources") or [])
+
+
 def list_rayclusters(kube: Kube) -> list[Obj]:
     """RayClusters in every namespace (empty when the CRD is not installed)."""
     from kubernetes.client.rest import ApiException

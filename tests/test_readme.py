@@ -14,7 +14,8 @@ from tests.hpcray_cli import run
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN = {"up", "down", "submit", "run"}  # touch a cluster: the Vega flow runs them with --dry-run
-NEEDS_A_CLUSTER = {"dashboard", "gc"}  # stay connected / scan a live Kubernetes context: not run here
+NEEDS_A_CLUSTER = {"dashboard", "gc", "doctor"}  # stay connected / scan a live Kubernetes context / check one: not run
+                                                  # here (tests/test_doctor.py runs doctor against the fake API)
 NEEDS_SLURM = {"pull"}  # `pull --slurm` submits a batch job; its `--print` twin is run instead
 
 
