@@ -10,10 +10,9 @@ that both see the same load; each side's total is the sum of its N jobs' wall ti
 from __future__ import annotations
 
 import argparse
-import os
 
 from bench_submit import ray_cli_env
-from common import (BIN, HEADER, QUIET, Result, Stats, loadavg, local_head, machine, prepare_environment, timed,
+from common import (BIN, HEADER, Result, Stats, loadavg, local_head, machine, prepare_environment, timed,
                     timed_command)
 
 ENTRYPOINT = ["python", "-c", "print(1)"]  # both CLIs quote an argv after `--`: python -c 'print(1)'

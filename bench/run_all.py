@@ -24,7 +24,7 @@ import bench_follow
 import bench_lifecycle
 import bench_submit
 import bench_sweep
-from common import HEADER, QUIET, REPO, Result, loadavg, local_head, machine, prepare_environment
+from common import HEADER, REPO, Result, loadavg, local_head, machine, prepare_environment
 
 SECTIONS = ("cli", "lifecycle", "submit", "follow-log", "sweep", "demo")
 GPU_BEGIN, GPU_END = "<!-- gpu-proof -->", "<!-- /gpu-proof -->"

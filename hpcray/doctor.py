@@ -17,7 +17,6 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Literal, TypeVar
@@ -26,6 +25,7 @@ from hpcray import helm, images, interlink, kube, targets
 from hpcray.errors import EXIT_OK, EXIT_USAGE, HpcrayError
 from hpcray.profile import Profile, load_profile, profile_ref
 from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight, takes_login
+from hpcray.waiting import in_background
 
 if TYPE_CHECKING:
     from hpcray.backends.base import Backend, ClusterStatus
@@ -83,17 +83,8 @@ class _TimedOut(Exception):
 def _within(timeout: float, fn: Callable[..., T], *args: Any) -> T:
     """fn(*args), or _TimedOut after `timeout` seconds (the work goes on in a daemon thread, which the process does
     not wait for): no check can hang doctor on a server that never answers."""
-    done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def work() -> None:
-        try:
-            done.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
-            done.set_exception(exc)
-
-    threading.Thread(target=work, daemon=True, name="hpcray-doctor-check").start()
     try:
-        return done.result(timeout)
+        return in_background("hpcray-doctor-check", fn, *args).result(timeout)
     except concurrent.futures.TimeoutError:
         raise _TimedOut() from None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
+import threading
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -58,3 +60,18 @@ def poll_until(check: Callable[[], T | None], *, timeout: float, interval: float
         deadline.sleep(interval)
         if max_interval is not None:
             interval = min(interval * 1.5, max_interval)
+
+
+def in_background(name: str, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    """fn(*args) in a daemon thread; its result (or exception) in the Future. Not a pool: whoever gives up waiting
+    (Ctrl-C, a time limit) goes on at once, and the process never waits at exit for work still hanging."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the Future
+            done.set_exception(exc)
+
+    threading.Thread(target=work, daemon=True, name=name).start()
+    return done

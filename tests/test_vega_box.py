@@ -87,7 +87,7 @@ def test_the_fake_plugin_writes_a_secret_volume_as_interlinks_does(slurm_cluster
             assert secret not in plugin.config.env.values()
         else:
             assert base64.b64encode(secret.encode()).decode() in script
-            assert f'base64 -d <<\'VKDATA_' in script and f'> "{target}"' in script
+            assert 'base64 -d <<\'VKDATA_' in script and f'> "{target}"' in script
             assert secret in plugin.config.env.values()
     finally:
         plugin.delete(pod)

@@ -29,7 +29,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tests.fake_kube_objects import PODS, SECRETS
 from tests.fake_site_box import QUIET, SYSTEM_PATH, BoxInfo, SiteBox

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from hpcray.profile import Profile, access_problem, profile_ref
 from hpcray.secrets import Secret
 from hpcray.state import QUIET_ENV, locked, state_dir, state_root, write_atomic
 from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, credential_plan
-from hpcray.waiting import Deadline, poll_until
+from hpcray.waiting import Deadline, in_background, poll_until
 
 STATE_FILE = "local.json"
 MARKER_VAR = "HPCRAY_LOCAL_CLUSTER"
@@ -143,9 +142,7 @@ class LocalBackend:
                 st = self._start(env, ttl_s, progress)
                 # MLflow's import overlaps the head's start. A daemon thread, not a pool: an interrupted `up` must
                 # go straight to the teardown below, never wait on (or, at exit, join) a store still being made.
-                store: concurrent.futures.Future[str | None] = concurrent.futures.Future()
-                threading.Thread(target=_settle, args=(store, self._prepare_store), daemon=True,
-                                 name="hpcray-mlflow-store").start()
+                store = in_background("hpcray-mlflow-store", self._prepare_store)
                 self._wait_ready(st, deadline, progress)
                 grace = max(deadline.left, STORE_GRACE_S)
                 try:
@@ -357,14 +354,6 @@ class LocalBackend:
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
-
-
-def _settle(future: concurrent.futures.Future[str | None], work: Callable[[], str | None]) -> None:
-    """Run `work` in this thread and put its result (or its exception) in `future`."""
-    try:
-        future.set_result(work())
-    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
-        future.set_exception(exc)
 
 
 def find_leftovers(temp_dir: str) -> list[int]:
