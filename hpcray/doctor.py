@@ -256,13 +256,15 @@ def check_image_ray(image_version: str | None, client: str | None) -> Result:
 
 
 def check_ray_binary() -> Result:
-    """The `ray` the local backend starts its head with."""
+    """The Ray the local backend starts its head with (`python -m ray.scripts.scripts` of this Python)."""
+    from hpcray.backends.local import python_module_argv
     from hpcray.jobs.api import client_ray_version
 
-    ray = Path(sys.executable).parent / "ray"
-    if not os.access(ray, os.X_OK):
-        return Result("ray", "fail", f"{ray} not found", f"reinstall hpcray with its dependencies in {sys.prefix}")
-    return Result("ray", "ok", f"{ray} (Ray {client_ray_version()})")
+    try:
+        argv = python_module_argv("ray.scripts.scripts")
+    except HpcrayError as exc:
+        return _from_error("ray", exc)
+    return Result("ray", "ok", f"{' '.join(argv)} (Ray {client_ray_version()})")
 
 
 def check_ports(dashboard_port: int) -> Result:

@@ -433,7 +433,7 @@ def _child_env(temp_dir: str, extra: dict[str, Secret | str]) -> dict[str, str]:
     return env
 
 
-def _python_m(module: str) -> list[str]:
+def python_module_argv(module: str) -> list[str]:
     """`python -m module` with this Python: its console script may be elsewhere (`pip install --user` puts it in
     ~/.local/bin) or nowhere on PATH, the module is where this Python imports it from."""
     import importlib.util
@@ -445,7 +445,7 @@ def _python_m(module: str) -> list[str]:
 
 
 def _ray_argv(ports: dict[str, int], temp_dir: str, num_cpus: int | None, num_gpus: int | None) -> list[str]:
-    argv = [*_python_m("ray.scripts.scripts"), "start", "--head", "--block",
+    argv = [*python_module_argv("ray.scripts.scripts"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
             "--disable-usage-stats"]
     for name in NAMED_PORTS:
@@ -460,7 +460,7 @@ def _ray_argv(ports: dict[str, int], temp_dir: str, num_cpus: int | None, num_gp
 
 
 def _mlflow_argv(port: int, directory: Path) -> list[str]:
-    return [*_python_m("mlflow"), "server", "--host", "127.0.0.1",
+    return [*python_module_argv("mlflow"), "server", "--host", "127.0.0.1",
             "--port", str(port), "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
             "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"]
 
