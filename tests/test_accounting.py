@@ -1,0 +1,177 @@
+"""Accounting: queue wait, run time and GPU-hours per job and per cluster (hpcray/accounting.py), read from the pods
+as interLink reports them, logged to the job's MLflow run and shown by `status` and `run` — on the local backend
+with real Ray and MLflow, and in the site in a box with SLURM GPUs (`--gres=gpu:N`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hpcray import accounting
+from hpcray.accounting import Usage, cluster_usage, gpus_in_flags, job_usage
+from tests.fixtures_slurm import GPUS, SlurmCluster
+from tests.hpcray_cli import run as hpcray
+
+
+@dataclass
+class Alloc:
+    gpus: int
+    created_at: float | None
+    started_at: float | None
+    ended_at: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The arithmetic
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_cluster_waits_for_its_last_allocation_and_sums_gpu_hours() -> None:
+    head = Alloc(0, created_at=1000, started_at=1030)  # queued 30 s, no GPU
+    worker = Alloc(2, created_at=1000, started_at=1090)  # queued 90 s, 2 GPUs for 1 h until now
+    gone = Alloc(1, created_at=900, started_at=960, ended_at=960 + 1800)  # 1 GPU for half an hour
+    usage = cluster_usage([head, worker, gone], now=1090 + 3600)
+    assert usage.queue_wait_s == 90
+    assert usage.run_time_s == 1090 + 3600 - 960  # first running to now
+    assert usage.gpus == 2  # held now
+    assert usage.gpu_hours == pytest.approx(2 * 1 + 1 * 0.5)
+
+
+def test_a_pod_still_queued_counts_its_wait_so_far_and_no_gpu_time() -> None:
+    usage = cluster_usage([Alloc(4, created_at=100, started_at=None)], now=400)
+    assert usage == Usage(queue_wait_s=300, run_time_s=None, gpus=0, gpu_hours=0.0)
+    assert usage.words() == "queued 5m00s; not running; 0 GPUs; 0.000 GPU-hours"
+
+
+def test_a_job_is_charged_the_gpus_held_while_it_ran() -> None:
+    allocations = [Alloc(1, 0, 10), Alloc(2, 0, 20, ended_at=1820)]
+    usage = job_usage(allocations, start=20, end=20 + 3600, now=5000)
+    assert usage.run_time_s == 3600 and usage.gpus == 3 and usage.queue_wait_s == 20
+    assert usage.gpu_hours == pytest.approx(1 * 1 + 2 * 0.5)  # the second allocation ended half-way
+    assert usage.metrics(accounting.PREFIX) == {"hpcray.queue_wait_s": 20.0, "hpcray.run_time_s": 3600.0,
+                                                "hpcray.gpus": 3.0, "hpcray.gpu_hours": 2.0}
+    assert job_usage(allocations, start=None, end=None, now=5000).metrics("x.") == {
+        "x.queue_wait_s": 20.0, "x.gpus": 0.0, "x.gpu_hours": 0.0}  # no run time: Ray never started it
+
+
+@pytest.mark.parametrize("flags, gpus", [
+    ("-p gpu --gres=gpu:1 --time=230", 1),
+    ("--gres=gpu:a100:4,nic:1", 4),
+    ("--gres gpu", 1),
+    ("--gres=nic:1", None),
+    ("--gpus=2", 2),
+    ("-G a100:3", 3),
+    ("--gpus-per-node 2 --exclusive", 2),
+    ("--gres=gpu:1 --gres=gpu:2", 2),  # later wins, as interLink's plugin de-duplicates
+    ("-p gpu --time=10", None),
+])
+def test_gpus_from_the_sbatch_flags_a_pod_carries(flags: str, gpus: int | None) -> None:
+    assert gpus_in_flags(flags) == gpus
+
+
+def test_a_pod_as_interlink_reports_it_gives_its_times_and_gres_gpus() -> None:
+    from hpcray.kube import pod_state
+
+    def pod(state: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "creationTimestamp": "2026-12-01T10:00:00Z", "labels": {},
+                             "annotations": {"slurm-job.vk.io/flags": "-p gpu --gres=gpu:2 --time=10"}},
+                "spec": {"containers": [{"name": "ray", "resources": {"limits": limits or {}}}]},
+                "status": {"phase": "Running", "containerStatuses": [{"name": "ray", "state": state}]}}
+
+    created = datetime.fromisoformat("2026-12-01T10:00:00+00:00").timestamp()
+    running = pod_state(pod({"running": {"startedAt": "2026-12-01T10:02:00Z"}}))
+    assert (running.gpus, running.created, running.started, running.ended) == (2, created, created + 120, None)
+    ended = pod_state(pod({"terminated": {"exitCode": 0, "startedAt": "2026-12-01T10:02:00Z",
+                                          "finishedAt": "2026-12-01T11:02:00Z"}}))
+    assert (ended.started, ended.ended) == (created + 120, created + 3720)
+    waiting = pod_state(pod({"waiting": {}}))
+    assert (waiting.started, waiting.ended) == (None, None)
+    limit_only = pod({"waiting": {}}, {"nvidia.com/gpu": "1"})
+    limit_only["metadata"]["annotations"] = {}
+    assert pod_state(limit_only).gpus == 1  # a regular node's pod: the limit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM hands out GPUs in the test cluster
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _scontrol(cluster: SlurmCluster, jid: str) -> dict[str, str]:
+    line = cluster.run("scontrol", "-d", "-o", "show", "job", jid).stdout
+    return dict(w.split("=", 1) for w in line.split() if "=" in w)
+
+
+def test_the_test_slurm_node_allocates_gres_gpus(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """`--gres=gpu:2` runs with two GPUs of the node's four (CUDA_VISIBLE_DEVICES, JOB_GRES); five are refused."""
+    out = tmp_path / "gpu.out"
+    tmp_path.chmod(0o755)
+    done = slurm_cluster.run("sbatch", "--gres=gpu:2", "--mem=100", f"--output={out}", "--wrap",
+                             "echo CUDA=$CUDA_VISIBLE_DEVICES")
+    assert done.returncode == 0, done.stderr
+    jid = done.stdout.split()[-1]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _scontrol(slurm_cluster, jid).get("JobState") != "COMPLETED":
+        time.sleep(0.2)
+    job = _scontrol(slurm_cluster, jid)
+    assert job["JobState"] == "COMPLETED" and job["JOB_GRES"] == "gpu:2", job
+    assert out.read_text().strip() == "CUDA=0,1"
+    refused = slurm_cluster.run("sbatch", f"--gres=gpu:{GPUS + 1}", "--wrap", "true")
+    assert refused.returncode != 0 and "Requested node configuration is not available" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: the local backend (real Ray + MLflow), the site in a box (real SLURM GPUs)
+# ---------------------------------------------------------------------------------------------------------------
+
+JOB = ("python -c \"import mlflow, time; r = mlflow.start_run(); print('MLFLOW_RUN_ID=' + r.info.run_id, flush=True); "
+       "time.sleep({sleep}); mlflow.end_run()\"")
+
+
+def _run_of(uri: str, run_id: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id)
+
+
+def test_a_local_run_logs_its_usage_to_the_jobs_mlflow_run(tmp_path: Path) -> None:
+    """Local: queue wait 0, the job's GPU-hours = the GPUs Ray was given × the job's run time, in the job's MLflow
+    run, in `run --json` and in the summary; `status --json` shows the cluster's while it is up."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    profile = tmp_path / "acct.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "acct", "backend": "local", "local": {"num_cpus": 1, "num_gpus": 2},
+        "mlflow": {"tracking_uri": store, "experiment": "acct", "credentials": "none"},
+        "jobs": {"work": {"entrypoint": JOB.format(sleep=3)}}}))
+    env = {**os.environ, "HPCRAY_STATE_DIR": str(tmp_path / "state"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    try:
+        done = hpcray("run", "-p", str(profile), "work", "--keep", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        [job] = json.loads(done.stdout)["jobs"]
+        status = hpcray("status", "-p", str(profile), "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        cluster = json.loads(status.stdout)
+        human = hpcray("status", "-p", str(profile), env=env)
+    finally:
+        hpcray("down", "-p", str(profile), env=env)
+    usage = job["usage"]
+    assert usage["queue_wait_s"] == 0 and usage["gpus"] == 2 and 3 <= usage["run_time_s"] < 30
+    assert usage["gpu_hours"] == pytest.approx(2 * usage["run_time_s"] / 3600)
+    assert job["cluster_usage"]["run_time_s"] >= usage["run_time_s"]
+    metrics = _run_of(store, job["mlflow_run_ids"][0]).data
+    assert metrics.metrics["hpcray.gpu_hours"] == pytest.approx(usage["gpu_hours"], abs=1e-6)
+    assert metrics.metrics["hpcray.queue_wait_s"] == 0 and metrics.metrics["hpcray.gpus"] == 2
+    assert metrics.metrics["hpcray.cluster.gpu_hours"] >= metrics.metrics["hpcray.gpu_hours"]
+    assert metrics.tags["hpcray.cluster"] == "acct" and metrics.tags["hpcray.submission_id"] == job["submission_id"]
+    assert cluster["usage"]["queue_wait_s"] == 0 and cluster["usage"]["gpus"] == 2
+    assert cluster["usage"]["gpu_hours"] >= job["cluster_usage"]["gpu_hours"]
+    assert "usage: queued 0s; ran " in human.stdout and "2 GPUs" in human.stdout, human.stdout
