@@ -18,8 +18,11 @@ import yaml
 
 from hpcray import accounting
 from hpcray.accounting import Usage, cluster_usage, gpus_in_flags, job_usage
+from tests.fake_site_box import SiteBox
+from tests.fixtures_box import site_box  # noqa: F401  (the fixture)
 from tests.fixtures_slurm import GPUS, SlurmCluster
 from tests.hpcray_cli import run as hpcray
+from tests.test_access import box_profile
 
 
 @dataclass
@@ -110,6 +113,7 @@ def _scontrol(cluster: SlurmCluster, jid: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in line.split() if "=" in w)
 
 
+@pytest.mark.slow
 def test_the_test_slurm_node_allocates_gres_gpus(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """`--gres=gpu:2` runs with two GPUs of the node's four (CUDA_VISIBLE_DEVICES, JOB_GRES); five are refused."""
     out = tmp_path / "gpu.out"
@@ -142,21 +146,25 @@ def _run_of(uri: str, run_id: str) -> Any:
     return MlflowClient(uri).get_run(run_id)
 
 
+@pytest.mark.slow
 def test_a_local_run_logs_its_usage_to_the_jobs_mlflow_run(tmp_path: Path) -> None:
-    """Local: queue wait 0, the job's GPU-hours = the GPUs Ray was given × the job's run time, in the job's MLflow
-    run, in `run --json` and in the summary; `status --json` shows the cluster's while it is up."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """Local, with its own MLflow server (usage logged over MLflow's REST API): queue wait 0, the job's GPU-hours =
+    the GPUs Ray was given × the job's run time, in the job's MLflow run, in `run --json`; `status` (human and
+    --json) shows the cluster's while it is up."""
     profile = tmp_path / "acct.yaml"
     profile.write_text(yaml.safe_dump({
-        "name": "acct", "backend": "local", "local": {"num_cpus": 1, "num_gpus": 2},
-        "mlflow": {"tracking_uri": store, "experiment": "acct", "credentials": "none"},
+        "name": "acct", "backend": "local", "local": {"num_cpus": 1, "num_gpus": 2, "mlflow_server": True},
+        "mlflow": {"experiment": "acct", "credentials": "none"},
         "jobs": {"work": {"entrypoint": JOB.format(sleep=3)}}}))
     env = {**os.environ, "HPCRAY_STATE_DIR": str(tmp_path / "state"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     try:
         done = hpcray("run", "-p", str(profile), "work", "--keep", "--json", env=env)
         assert done.returncode == 0, done.stderr
-        [job] = json.loads(done.stdout)["jobs"]
+        report = json.loads(done.stdout)
+        [job] = report["jobs"]
+        assert report["tracking_uri"].startswith("http://127.0.0.1:")
+        logged = _run_of(report["tracking_uri"], job["mlflow_run_ids"][0]).data
         status = hpcray("status", "-p", str(profile), "--json", env=env)
         assert status.returncode == 0, status.stderr
         cluster = json.loads(status.stdout)
@@ -167,11 +175,61 @@ def test_a_local_run_logs_its_usage_to_the_jobs_mlflow_run(tmp_path: Path) -> No
     assert usage["queue_wait_s"] == 0 and usage["gpus"] == 2 and 3 <= usage["run_time_s"] < 30
     assert usage["gpu_hours"] == pytest.approx(2 * usage["run_time_s"] / 3600)
     assert job["cluster_usage"]["run_time_s"] >= usage["run_time_s"]
-    metrics = _run_of(store, job["mlflow_run_ids"][0]).data
-    assert metrics.metrics["hpcray.gpu_hours"] == pytest.approx(usage["gpu_hours"], abs=1e-6)
-    assert metrics.metrics["hpcray.queue_wait_s"] == 0 and metrics.metrics["hpcray.gpus"] == 2
-    assert metrics.metrics["hpcray.cluster.gpu_hours"] >= metrics.metrics["hpcray.gpu_hours"]
-    assert metrics.tags["hpcray.cluster"] == "acct" and metrics.tags["hpcray.submission_id"] == job["submission_id"]
+    assert logged.metrics["hpcray.gpu_hours"] == pytest.approx(usage["gpu_hours"], abs=1e-6)
+    assert logged.metrics["hpcray.queue_wait_s"] == 0 and logged.metrics["hpcray.gpus"] == 2
+    assert logged.metrics["hpcray.cluster.gpu_hours"] >= logged.metrics["hpcray.gpu_hours"]
+    assert logged.tags["hpcray.cluster"] == "acct" and logged.tags["hpcray.submission_id"] == job["submission_id"]
     assert cluster["usage"]["queue_wait_s"] == 0 and cluster["usage"]["gpus"] == 2
     assert cluster["usage"]["gpu_hours"] >= job["cluster_usage"]["gpu_hours"]
     assert "usage: queued 0s; ran " in human.stdout and "2 GPUs" in human.stdout, human.stdout
+
+
+def _slurm_time(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()  # scontrol's local time
+
+
+@pytest.mark.slow
+def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox, tmp_path: Path,  # noqa: F811
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head and a worker with `--gres=gpu:1` each, offloaded to SLURM: the job's MLflow run gets the cluster's
+    GPU-hours = Σ SLURM's JOB_GRES × (the time logged − SLURM's StartTime) within one minute per GPU, the job's =
+    its GPUs × its run time; queue waits ≥ 0, no earlier than SLURM started the jobs; `status --json` shows them."""
+    monkeypatch.setenv("HPCRAY_STATE_DIR", str(tmp_path / "state"))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the box's pods share this machine's filesystem
+    tmp_path.chmod(0o755)
+    profile = box_profile(site_box, tmp_path, "gpuacct", head={"cpu": "1", "memory": "2G", "gpus": 1},
+                          workers={"gpu": {"replicas": 1, "cpu": "1", "memory": "2G", "gpus": 1}},
+                          mlflow={"tracking_uri": store, "experiment": "gpuacct", "credentials": "none"},
+                          jobs={"work": {"entrypoint": JOB.format(sleep=20)}})
+    assert site_box.api
+    try:
+        done = hpcray("run", "-p", str(profile), "work", "--keep", "--json", timeout=600)
+        assert done.returncode == 0, done.stderr
+        [job] = json.loads(done.stdout)["jobs"]
+        status = hpcray("status", "-p", str(profile), "--json")
+        assert status.returncode == 0, status.stderr
+        cluster = json.loads(status.stdout)
+        pods = site_box.api.list("pods", labels="ray.io/cluster=gpuacct-kuberay")
+        assert site_box.slurm
+        slurm = {pod["metadata"]["name"]: _scontrol(site_box.slurm, str(site_box.job_id(pod))) for pod in pods}
+    finally:
+        hpcray("down", "-p", str(profile))
+    assert len(slurm) == 2 and {s["JOB_GRES"] for s in slurm.values()} == {"gpu:1"}, slurm
+    from mlflow.tracking import MlflowClient
+
+    run_id = job["mlflow_run_ids"][0]
+    metrics = _run_of(store, run_id).data.metrics
+    [point] = MlflowClient(store).get_metric_history(run_id, "hpcray.cluster.gpu_hours")
+    expected = sum(1 * (point.timestamp / 1000 - _slurm_time(s["StartTime"])) for s in slurm.values()) / 3600
+    assert metrics["hpcray.cluster.gpu_hours"] == pytest.approx(expected, abs=2 * 60 / 3600)
+    assert metrics["hpcray.gpus"] == 2 and metrics["hpcray.run_time_s"] >= 20
+    assert metrics["hpcray.gpu_hours"] == pytest.approx(2 * metrics["hpcray.run_time_s"] / 3600, abs=1e-6)
+    assert metrics["hpcray.queue_wait_s"] >= 0 and metrics["hpcray.cluster.queue_wait_s"] >= 0
+    print(f"SLURM StartTimes {[s['StartTime'] for s in slurm.values()]}; logged {json.dumps(metrics, sort_keys=True)}")
+    nodes = cluster["nodes"]
+    assert cluster["usage"]["queue_wait_s"] >= 0 and cluster["usage"]["gpus"] == 2 and len(nodes) == 2
+    for n in nodes:
+        assert n["gpus"] == 1 and n["created_at"] <= n["started_at"] and n["ended_at"] is None
+        slurm_start = _slurm_time(slurm[n["name"]]["StartTime"])
+        assert slurm_start - 1 <= n["started_at"] <= slurm_start + 60  # interLink reports it once SLURM runs it
+    assert cluster["usage"]["gpu_hours"] >= metrics["hpcray.cluster.gpu_hours"]
