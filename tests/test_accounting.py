@@ -149,8 +149,8 @@ def _run_of(uri: str, run_id: str) -> Any:
 @pytest.mark.slow
 def test_a_local_run_logs_its_usage_to_the_jobs_mlflow_run(tmp_path: Path) -> None:
     """Local, with its own MLflow server (usage logged over MLflow's REST API): queue wait 0, the job's GPU-hours =
-    the GPUs Ray was given × the job's run time, in the job's MLflow run, in `run --json`; `status` (human and
-    --json) shows the cluster's while it is up."""
+    the GPUs Ray was given × the job's run time, in the job's MLflow run, in `run --json` and `submit --json`;
+    `status` (human and --json) shows the cluster's while it is up."""
     profile = tmp_path / "acct.yaml"
     profile.write_text(yaml.safe_dump({
         "name": "acct", "backend": "local", "local": {"num_cpus": 1, "num_gpus": 2, "mlflow_server": True},
@@ -169,8 +169,15 @@ def test_a_local_run_logs_its_usage_to_the_jobs_mlflow_run(tmp_path: Path) -> No
         assert status.returncode == 0, status.stderr
         cluster = json.loads(status.stdout)
         human = hpcray("status", "-p", str(profile), env=env)
+        submitted = hpcray("submit", "-p", str(profile), "work", "--json", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        followed = json.loads(submitted.stdout)
+        logged_too = _run_of(report["tracking_uri"], followed["mlflow_run_ids"][0]).data
     finally:
         hpcray("down", "-p", str(profile), env=env)
+    assert followed["usage"]["gpus"] == 2 and followed["usage"]["run_time_s"] >= 3
+    assert logged_too.metrics["hpcray.gpu_hours"] == pytest.approx(followed["usage"]["gpu_hours"], abs=1e-6)
+    assert logged_too.tags["hpcray.submission_id"] == followed["submission_id"]
     usage = job["usage"]
     assert usage["queue_wait_s"] == 0 and usage["gpus"] == 2 and 3 <= usage["run_time_s"] < 30
     assert usage["gpu_hours"] == pytest.approx(2 * usage["run_time_s"] / 3600)
@@ -195,11 +202,13 @@ def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox,
     GPU-hours = Σ SLURM's JOB_GRES × (the time logged − SLURM's StartTime) within one minute per GPU, the job's =
     its GPUs × its run time; queue waits ≥ 0, no earlier than SLURM started the jobs; `status --json` shows them."""
     monkeypatch.setenv("HPCRAY_STATE_DIR", str(tmp_path / "state"))
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the box's pods share this machine's filesystem
-    tmp_path.chmod(0o755)
+    shared = tmp_path / "shared"  # a shared filesystem, bound into the containers as Vega's /ceph is
+    shared.mkdir()
+    store = f"sqlite:///{shared / 'mlflow.db'}"
     profile = box_profile(site_box, tmp_path, "gpuacct", head={"cpu": "1", "memory": "2G", "gpus": 1},
                           workers={"gpu": {"replicas": 1, "cpu": "1", "memory": "2G", "gpus": 1}},
                           mlflow={"tracking_uri": store, "experiment": "gpuacct", "credentials": "none"},
+                          interlink={"singularity": {"mounts": [str(shared)]}},
                           jobs={"work": {"entrypoint": JOB.format(sleep=20)}})
     assert site_box.api
     try:
@@ -209,6 +218,7 @@ def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox,
         status = hpcray("status", "-p", str(profile), "--json")
         assert status.returncode == 0, status.stderr
         cluster = json.loads(status.stdout)
+        human = hpcray("status", "-p", str(profile)).stdout
         pods = site_box.api.list("pods", labels="ray.io/cluster=gpuacct-kuberay")
         assert site_box.slurm
         slurm = {pod["metadata"]["name"]: _scontrol(site_box.slurm, str(site_box.job_id(pod))) for pod in pods}
@@ -225,7 +235,10 @@ def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox,
     assert metrics["hpcray.gpus"] == 2 and metrics["hpcray.run_time_s"] >= 20
     assert metrics["hpcray.gpu_hours"] == pytest.approx(2 * metrics["hpcray.run_time_s"] / 3600, abs=1e-6)
     assert metrics["hpcray.queue_wait_s"] >= 0 and metrics["hpcray.cluster.queue_wait_s"] >= 0
-    print(f"SLURM StartTimes {[s['StartTime'] for s in slurm.values()]}; logged {json.dumps(metrics, sort_keys=True)}")
+    print(f"SLURM StartTimes {[s['StartTime'] for s in slurm.values()]}; expected {expected:.6f} GPU-hours; logged "
+          f"{json.dumps(metrics, sort_keys=True)}"
+          f"\n{done.stderr[-1500:]}\n{human}")
+    assert "  usage: queued " in human and "2 GPUs" in human and human.count(" queued ") == 3, human
     nodes = cluster["nodes"]
     assert cluster["usage"]["queue_wait_s"] >= 0 and cluster["usage"]["gpus"] == 2 and len(nodes) == 2
     for n in nodes:
