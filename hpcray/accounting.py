@@ -10,7 +10,8 @@ SLURM job, the local head). Pure arithmetic: the backends read the times (hpcray
 - A job: its run time in Ray (start → end), the GPU-hours of the allocations while it ran (their GPUs × the overlap),
   and the queue wait of the cluster it ran on.
 
-MLflow names (METRICS) are documented in the README's "Accounting".
+As MLflow metrics: PREFIX + the Usage's field names for the job, CLUSTER_PREFIX + them for its cluster (the README's
+"Accounting" says what each means).
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-METRICS = {
-    "queue_wait_s": "seconds from the cluster's pods being created to the last of their SLURM jobs running",
-    "run_time_s": "seconds the job ran in Ray (the cluster's: from its first allocation running to now)",
-    "gpus": "GPUs allocated to the cluster while the job ran",
-    "gpu_hours": "GPUs × time allocated, in hours, while the job ran (the cluster's: since it started)",
-}
 PREFIX, CLUSTER_PREFIX = "hpcray.", "hpcray.cluster."
 
 
@@ -45,7 +40,7 @@ class Usage:
     gpu_hours: float
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        """As MLflow metrics named prefix + METRICS' keys; an unknown time is left out."""
+        """As MLflow metrics named prefix + the field's name; an unknown time is left out."""
         values = {"queue_wait_s": self.queue_wait_s, "run_time_s": self.run_time_s, "gpus": float(self.gpus),
                   "gpu_hours": self.gpu_hours}
         return {prefix + k: round(float(v), 6) for k, v in values.items() if v is not None}
