@@ -246,3 +246,24 @@ def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox,
         slurm_start = _slurm_time(slurm[n["name"]]["StartTime"])
         assert slurm_start - 1 <= n["started_at"] <= slurm_start + 60  # interLink reports it once SLURM runs it
     assert cluster["usage"]["gpu_hours"] >= metrics["hpcray.cluster.gpu_hours"]
+
+
+def test_usage_for_a_run_that_cannot_take_it_is_a_tracking_error(tmp_path: Path) -> None:
+    """A deleted run refuses the metrics: TrackingError (which `run`/`submit` turn into a warning); a live one,
+    finished or not, takes them with the timestamp given."""
+    from mlflow.tracking import MlflowClient
+
+    from hpcray.errors import TrackingError
+    from hpcray.tracking import log_usage
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    done, gone = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(done)
+    client.delete_run(gone)
+    log_usage(store, None, [done], {"hpcray.gpu_hours": 0.5}, {"hpcray.cluster": "c"}, timestamp=1000.0)
+    [point] = client.get_metric_history(done, "hpcray.gpu_hours")
+    assert (point.value, point.timestamp, client.get_run(done).data.tags["hpcray.cluster"]) == (0.5, 1000000, "c")
+    with pytest.raises(TrackingError, match="took no usage metrics"):
+        log_usage(store, None, [gone], {"hpcray.gpu_hours": 0.5}, {}, timestamp=1000.0)
