@@ -392,11 +392,17 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, access: st
                 echo_err(f"submitted to {api.address}; follow with: hpcray logs -f {job_id}")
             return
         echo_err(f"submitted job {job_id} to {api.address}; Ctrl-C {'stops' if on_interrupt == 'stop' else 'detaches'}")
-        status = flows.follow(api, job_id, out=sys.stderr if as_json else sys.stdout, say=echo_err,
-                              on_interrupt=on_interrupt)
+        result = flows.follow_submitted(s, api, job_id, out=sys.stderr if as_json else sys.stdout, say=echo_err,
+                                        on_interrupt=on_interrupt, usage=address is None)
     if as_json:
-        print_json({"submission_id": job_id, "address": api.address, "status": status})
-    sys.exit(exit_code(status))
+        from dataclasses import asdict
+
+        done = asdict(result)
+        print_json({"submission_id": job_id, "address": api.address,
+                    **{k: done[k] for k in ("status", "mlflow_run_ids", "usage", "cluster_usage")}})
+    elif result.usage is not None and result.cluster_usage is not None:
+        echo_err(f"usage: {result.usage.words()} (cluster so far: {result.cluster_usage.words()})")
+    sys.exit(exit_code(result.status))
 
 
 @cli.command()
@@ -493,6 +499,8 @@ def _expiry(epoch: float | None) -> str:
 
 
 def _print_cluster(status: ClusterStatus) -> None:
+    from hpcray.accounting import duration as duration_words
+
     ready_nodes = sum(n.phase == "Ready" for n in status.nodes)
     where = f" namespace {status.namespace}" if status.namespace else ""
     release = f" release {status.release.status} rev {status.release.revision}" if status.release else ""
@@ -502,9 +510,13 @@ def _print_cluster(status: ClusterStatus) -> None:
                f"{ready_nodes}/{len(status.nodes)} {status.node_kind}s Ready; {gpus} GPUs; {_expiry(status.expires_at)}"
                + (f"; dashboard {status.address}" if status.address else "")
                + (f"; MLflow {status.tracking_uri}" if status.tracking_uri else ""))
+    if status.usage is not None:
+        click.echo(f"  usage: {status.usage.words()}")
     for n in status.nodes:
+        queued = (f"  queued {duration_words(n.started_at - n.created_at)}"
+                  if n.started_at is not None and n.created_at is not None else "")
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"
-                   f"{f'  {n.gpus} GPU' if n.gpus else ''}")
+                   f"{queued}{f'  {n.gpus} GPU' if n.gpus else ''}")
 
 
 def _print_plan(plan: Plan) -> None:

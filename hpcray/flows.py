@@ -18,15 +18,16 @@ import contextlib
 import dataclasses
 import re
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
-from hpcray import jobs
+from hpcray import accounting, jobs
 from hpcray.backends import backend_for
-from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted
+from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted, TrackingError
 from hpcray.profile import JobSpec, Profile, profile_ref
 from hpcray.secrets import Secret
-from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight
+from hpcray.tracking import CredentialPlan, Credentials, credential_plan, log_usage, preflight
 from hpcray.waiting import parse_duration
 
 if TYPE_CHECKING:
@@ -106,7 +107,12 @@ def down(p: Profile, *, timeout_s: float, progress: Say) -> bool:
 
 
 def status(p: Profile) -> ClusterStatus:
-    return backend_for(p).status()
+    return _with_usage(backend_for(p).status())
+
+
+def _with_usage(st: ClusterStatus) -> ClusterStatus:
+    """The cluster's queue wait, run time and GPU-hours so far (hpcray.accounting), from its nodes' times."""
+    return dataclasses.replace(st, usage=accounting.cluster_usage(st.nodes, time.time()) if st.nodes else None)
 
 
 def fleet(p: Profile) -> list[ClusterStatus]:
@@ -114,7 +120,7 @@ def fleet(p: Profile) -> list[ClusterStatus]:
     from hpcray import targets
     from hpcray.backends import fleet as kuberay_fleet
 
-    return kuberay_fleet.clusters(targets.kube_target(p))
+    return [_with_usage(c) for c in kuberay_fleet.clusters(targets.kube_target(p))]
 
 
 def gc(p: Profile, *, dry_run: bool, progress: Say) -> list[Expired]:
@@ -233,6 +239,8 @@ class JobResult:
     status: str = "NOT_SUBMITTED"
     mlflow_run_ids: list[str] = field(default_factory=list)
     highlights: list[str] = field(default_factory=list)
+    usage: accounting.Usage | None = None  # the job's, once it ended
+    cluster_usage: accounting.Usage | None = None  # its cluster's, when the job ended
 
     @property
     def exit_code(self) -> int:
@@ -393,6 +401,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                 finally:
                     output.close()
                 result.status = str(info["status"])
+                account(p, backend, result, info, tracked.mlflow.tracking_uri, credentials, say)
                 if result.status == "FAILED" and info.get("message"):
                     say(str(info["message"]).rstrip())
                 say(f"job {result.name}: {result.status}")
@@ -428,13 +437,54 @@ def _lost(p: Profile, backend: Backend, result: JobResult, exc: ClusterError) ->
                         f"{why or exc}; its outcome is unknown: look there, then run the job again")
 
 
+def account(p: Profile, backend: Backend, result: JobResult, info: dict[str, Any], tracking_uri: str | None,
+            credentials: Credentials | None, say: Say) -> None:
+    """A job that ended: its usage and its cluster's (hpcray.accounting) on the result, and as metrics and tags of
+    the MLflow runs it named (JobOutput). Failing that, a warning: the job's outcome stands."""
+    now = time.time()
+    try:
+        nodes = backend.status().nodes
+    except HpcrayError as exc:
+        say(f"hpcray: warning: no usage for job {result.name}: the cluster's status is unknown ({exc})")
+        return
+    start, end = (info.get(k) for k in ("start_time", "end_time"))  # Ray's, in ms
+    result.usage = accounting.job_usage(nodes, start / 1000 if start else None, end / 1000 if end else None, now)
+    result.cluster_usage = accounting.cluster_usage(nodes, now)
+    if not result.mlflow_run_ids or not tracking_uri:
+        return
+    metrics = {**result.usage.metrics(accounting.PREFIX), **result.cluster_usage.metrics(accounting.CLUSTER_PREFIX)}
+    tags = {"hpcray.cluster": p.name, "hpcray.backend": p.backend, "hpcray.submission_id": result.submission_id or ""}
+    try:
+        log_usage(tracking_uri, credentials, result.mlflow_run_ids, metrics, tags, timestamp=now)
+    except TrackingError as exc:
+        say(f"hpcray: warning: the usage of job {result.name} is not in MLflow: {exc}")
+
+
+def follow_submitted(s: Submit, api: jobs.JobsApi, job_id: str, *, out: TextIO, say: Say, on_interrupt: str,
+                     usage: bool) -> JobResult:
+    """`submit`'s following: the job's output (read for its MLflow runs, as `run` reads it) to its end, then, with
+    `usage`, its usage on the profile's cluster (not for a cluster given by --address: hpcray cannot see its pods)."""
+    result = JobResult(s.name or "entrypoint", submission_id=job_id, status="RUNNING")
+    output = JobOutput(out, result)
+    try:
+        result.status = follow(api, job_id, out=output, say=say, on_interrupt=on_interrupt)  # type: ignore[arg-type]
+    finally:
+        output.close()
+    if usage:
+        account(s.profile, backend_for(s.profile), result, jobs.status_of(api, job_id),
+                s.profile.mlflow.tracking_uri, s.credentials, say)
+    return result
+
+
 def summary(report: RunReport) -> list[str]:
-    """What a user wants at the end: each job, its MLflow runs, the best trial, and where to look."""
+    """What a user wants at the end: each job, its MLflow runs, the best trial, its usage, and where to look."""
     lines = []
     for j in report.jobs:
         runs = f"; MLflow run {', '.join(j.mlflow_run_ids)}" if j.mlflow_run_ids else ""
         lines.append(f"{j.name}: {j.status} ({j.submission_id or 'not submitted'}){runs}")
         lines.extend(f"  {h}" for h in j.highlights)
+        if j.usage is not None and j.cluster_usage is not None:
+            lines.append(f"  usage: {j.usage.words()} (cluster so far: {j.cluster_usage.words()})")
     uri = report.tracking_uri
     if uri and uri.startswith("sqlite:"):
         lines.append(f"look at the runs: mlflow ui --backend-store-uri {uri} --port 5000  (then open "

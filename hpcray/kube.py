@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+from hpcray import accounting
 from hpcray.errors import KubeError
 from hpcray.secrets import Secret
 from hpcray.waiting import Deadline
 
 HEAD_LABEL = "ray.io/node-type"
+SLURM_FLAGS = "slurm-job.vk.io/flags"  # the sbatch flags interLink's SLURM plugin puts in a pod's batch script
 CLUSTER_LABEL = "ray.io/cluster"
 RAYCLUSTERS = "/apis/ray.io/v1"
 RECONNECT_MAX_S = 2.0
@@ -263,6 +265,8 @@ class PodState:
     created: float  # epoch seconds
     gpus: int
     node: str | None
+    started: float | None = None  # epoch seconds: its first container running (on interLink: its SLURM job running)
+    ended: float | None = None  # epoch seconds: its last container terminated, once all are
 
     @property
     def ready(self) -> bool:
@@ -275,8 +279,11 @@ class PodState:
 def pod_state(pod: Obj) -> PodState:
     meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
     created = parse_time(meta.get("creationTimestamp") or "") or time.time()
-    gpus = sum(int(float(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0)))
-               for c in spec.get("containers") or [])
+    flags = (meta.get("annotations") or {}).get(SLURM_FLAGS, "")
+    gpus = accounting.gpus_in_flags(flags) if flags else None
+    if gpus is None:  # interLink makes no sbatch flag of the limit, but a regular node's kubelet allocates it
+        gpus = sum(int(float(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0)))
+                   for c in spec.get("containers") or [])
     phase = status.get("phase") or "Pending"
     conditions = {c["type"]: c for c in status.get("conditions") or []}
     ready = conditions.get("Ready", {}).get("status") == "True"
@@ -287,7 +294,23 @@ def pod_state(pod: Obj) -> PodState:
     else:
         shown, reason = phase, _not_ready_reason(status, conditions)
     role = (meta.get("labels") or {}).get(HEAD_LABEL, "worker")
-    return PodState(meta["name"], role, shown, reason, created, gpus, spec.get("nodeName"))
+    return PodState(meta["name"], role, shown, reason, created, gpus, spec.get("nodeName"),
+                    *_run_times(status.get("containerStatuses") or []))
+
+
+def _run_times(statuses: list[Obj]) -> tuple[float | None, float | None]:
+    """(first container start, last container end once all have ended) from the containers' states: what
+    interLink's SLURM plugin reports as the SLURM job's start and end (`startedAt`, `finishedAt`)."""
+    starts, ends = [], []
+    for c in statuses:
+        state = c.get("state") or {}
+        current = state.get("running") or state.get("terminated") or {}
+        if started := parse_time(current.get("startedAt") or ""):
+            starts.append(started)
+        if ended := parse_time((state.get("terminated") or {}).get("finishedAt") or ""):
+            ends.append(ended)
+    all_ended = bool(statuses) and len(ends) == len(statuses)
+    return (min(starts) if starts else None), (max(ends) if all_ended else None)
 
 
 def _not_ready_reason(status: Obj, conditions: dict[str, Obj]) -> str:

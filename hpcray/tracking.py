@@ -306,3 +306,44 @@ def preflight(p: Profile, credentials: Credentials | None, *, timeout: float = 1
     api.expect(status, body, f"creating a run in experiment '{name}'", name)
     status, body = api.call("POST", "runs/delete", {"run_id": body["run"]["info"]["run_id"]})
     api.expect(status, body, f"deleting the preflight run in experiment '{name}'", name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accounting: a job's usage (hpcray.accounting) as metrics and tags of its MLflow runs, once the job has ended
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def log_usage(uri: str, credentials: Credentials | None, run_ids: list[str], metrics: dict[str, float],
+              tags: dict[str, str], *, timestamp: float, timeout: float = 10.0) -> None:
+    """Add metrics (at `timestamp`, epoch seconds; step 0) and tags to each run, which may have finished (MLflow
+    takes them then too). A server: its REST API, credentials in headers only (no `import mlflow`); a sqlite store:
+    MLflow's own store. TrackingError when a run refuses them."""
+    ms = int(timestamp * 1000)
+    if uri.startswith(("http://", "https://")):
+        api = _Mlflow(uri, credentials, timeout)
+        for run_id in run_ids:
+            status, body = api.call("POST", "runs/log-batch", {
+                "run_id": run_id, "metrics": [{"key": k, "value": v, "timestamp": ms, "step": 0}
+                                              for k, v in metrics.items()],
+                "tags": [{"key": k, "value": v} for k, v in tags.items()]})
+            if status != 200:
+                raise TrackingError(f"MLflow run {run_id} on {uri} took no usage metrics ({status}: "
+                                    f"{body.get('message', body)}); check that {api.who()} may write to its experiment")
+        return
+    if not uri.startswith("sqlite:///"):
+        raise TrackingError(f"usage metrics go to an MLflow server or a sqlite store, not {uri}")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    try:
+        store = SqlAlchemyStore(uri, root)
+        for run_id in run_ids:
+            store.log_batch(run_id, metrics=[Metric(k, v, ms, 0) for k, v in metrics.items()], params=[],
+                            tags=[RunTag(k, v) for k, v in tags.items()])
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow run in {uri} took no usage metrics: {exc.message}") from None

@@ -6,8 +6,8 @@ What runs, and what it stands for:
   `kubernetes` client talk to it through the kubeconfig the box writes;
 - an interLink virtual node (default `vega-box-vk`, PodCIDR 127.0.100.0/24, cpu 100, no GPUs: interLink's
   defaults) whose virtual kubelet and SLURM plugin (tests/fake_interlink.py, tests/fake_interlink_plugin.py) turn
-  the pods bound to it into batch jobs of a real single-node SLURM (tests/fixtures_slurm.py: 16 CPUs, 200 GB
-  declared);
+  the pods bound to it into batch jobs of a real single-node SLURM (tests/fixtures_slurm.py: 16 CPUs, 200 GB and
+  4 GPUs as `gpu` GRES declared: a pod's `--gres=gpu:N` gets a SLURM allocation of N of them, without hardware);
 - the jobs' `singularity` (tests/fake_singularity): runs the container commands on this machine — real Ray from
   the venv — in the job's network namespace (tests/fake_interlink_net.py: the VPN, cluster DNS);
 - `fake_vpn_bootstrap`: the site's VPN bootstrap a profile's pre-exec must call for pod-vpn pods;
@@ -22,11 +22,11 @@ mode 0600, gets `BoxInfo` as JSON, the MLflow admin password included). `stop()`
 what the jobs left in the box's network namespaces and deletes them, stops every server by PID and removes the
 box's directory.
 
-Limits (what the box does not reproduce): one SLURM node, no GPUs (`--gres` is accepted by nothing: do not ask
-for GPUs in the box), no cgroups (memory limits and OUT_OF_MEMORY are not enforced), no accounting (`sacct`), no
-Ingress/wstunnel, no kube-proxy (a Service's DNS name resolves to its ready endpoint, like a headless Service), a
-pod's processes share this machine's filesystem (binds to paths absent here are recorded, not mounted), and the
-interLink status lag is `poll_s` (1 s) instead of ~10-15 s.
+Limits (what the box does not reproduce): one SLURM node, GPUs only as SLURM's count (device files without a
+GPU behind them: a job that really computes on a GPU fails), no cgroups (memory limits and OUT_OF_MEMORY are not
+enforced), no accounting (`sacct`), no Ingress/wstunnel, no kube-proxy (a Service's DNS name resolves to its ready
+endpoint, like a headless Service), a pod's processes share this machine's filesystem (binds to paths absent here
+are recorded, not mounted), and the interLink status lag is `poll_s` (1 s) instead of ~10-15 s.
 """
 
 from __future__ import annotations

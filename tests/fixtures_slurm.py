@@ -6,6 +6,14 @@ disturbs a system SLURM, and it is stopped by PID at the end. The one node decla
 make a walltime kill prompt (~60-90 s after start for `--time=1`), MinJobAge=600 keeps a finished job visible to
 squeue/scontrol without accounting. `start_slurm` serves the pytest fixture and the site box
 (tests/fake_site_box.py) alike.
+
+GPUs: the node declares `Gres=gpu:4` (GresTypes=gpu, gres.conf with AutoDetect=off), so `--gres=gpu:N` and
+`--gpus=N` get a real allocation: SLURM counts and refuses (`--gres=gpu:5`: "Requested node configuration is not
+available"), sets CUDA_VISIBLE_DEVICES in the job and shows `JOB_GRES=gpu:N` in `scontrol -d show job`. The
+compromise: slurmd 22.05 drops a GPU without a device file ("Removing file-less GPU") and refuses a regular file
+("is not a valid character or block device"), so the GPUs are character devices made with mknod in the cluster's
+directory (major 195, NVIDIA's, minors 0-3) with no driver behind them; nothing opens them (TaskPlugin=task/none:
+no device cgroup). AccountingStorageTRES=gres/gpu is not set: without slurmdbd slurmctld refuses to start with it.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -26,6 +35,7 @@ import pytest
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
 NODE = "hpcraytest"
 PARTITIONS = ("debug", "gpu")
+GPUS = 4  # a Vega GPU node's
 
 
 @dataclass
@@ -56,7 +66,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(root: Path, munge_socket: Path, cpus: int, memory_mb: int) -> str:
+def _gres(root: Path, gpus: int) -> str:
+    """gres.conf for `gpus` GPUs: one character device each under root/dev (see the module's docstring)."""
+    dev = root / "dev"
+    dev.mkdir()
+    for i in range(gpus):
+        os.mknod(dev / f"nvidia{i}", 0o600 | stat.S_IFCHR, os.makedev(195, i))
+    files = "".join(f"NodeName={NODE} Name=gpu File={dev}/nvidia{i}\n" for i in range(gpus))
+    return "AutoDetect=off\n" + files
+
+
+def _config(root: Path, munge_socket: Path, cpus: int, memory_mb: int, gpus: int) -> str:
     partitions = "\n".join(f"PartitionName={p} Nodes={NODE} Default={'YES' if p == 'debug' else 'NO'} "
                            "MaxTime=INFINITE State=UP" for p in PARTITIONS)
     return f"""\
@@ -79,6 +99,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
+GresTypes=gpu
 AccountingStorageType=accounting_storage/none
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 MpiDefault=none
@@ -87,7 +108,7 @@ KillWait=5
 OverTimeLimit=0
 MinJobAge=600
 SlurmdParameters=config_overrides
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{gpus} State=UNKNOWN
 {partitions}
 """
 
@@ -146,7 +167,7 @@ def skip_reason() -> str | None:
     return None
 
 
-def start_slurm(cpus: int = 16, memory_mb: int = 200000) -> SlurmCluster:
+def start_slurm(cpus: int = 16, memory_mb: int = 200000, gpus: int = GPUS) -> SlurmCluster:
     """munged + slurmctld + slurmd, node idle. Raises RuntimeError saying why when it cannot; `stop_slurm` ends it."""
     # Not under pytest's tmp dirs: those are 0700 root, and munged (user munge) must reach its own dir.
     root = Path(tempfile.mkdtemp(prefix="hpcray-slurm-"))
@@ -157,7 +178,8 @@ def start_slurm(cpus: int = 16, memory_mb: int = 200000) -> SlurmCluster:
     try:
         munged, sock = _start_munge(root)
         cluster.procs.append(munged)
-        cluster.conf.write_text(_config(root, sock, cpus, memory_mb))
+        (root / "gres.conf").write_text(_gres(root, gpus))  # beside slurm.conf, where slurmd looks for it
+        cluster.conf.write_text(_config(root, sock, cpus, memory_mb, gpus))
         for cmd in (["slurmctld", "-D", "-i", "-f", str(cluster.conf)],
                     ["slurmd", "-D", "-N", NODE, "-f", str(cluster.conf)]):
             cluster.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -60,7 +60,7 @@ image:
 head:
   cpu: "1"
   memory: 2G
-  gpus: 0                   # the box's SLURM has no GPUs (Vega: 1, through --gres)
+  gpus: 0                   # Vega: 1, through --gres (the box's SLURM GPUs are counted, not real)
   env: &env
     HYDRA_FULL_ERROR: "1"
     SLURM_NNODES: "1"

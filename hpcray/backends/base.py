@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 if TYPE_CHECKING:
+    from hpcray.accounting import Usage
     from hpcray.http import Endpoint
     from hpcray.tracking import Credentials
 
@@ -47,6 +48,9 @@ class NodeStatus:
     reason: str = ""
     age_s: float = 0.0
     gpus: int = 0
+    created_at: float | None = None  # epoch seconds: the pod created, the local head started
+    started_at: float | None = None  # epoch seconds: running (a pod: its SLURM job running, as interLink reports)
+    ended_at: float | None = None  # epoch seconds: its containers all terminated (a pod's SLURM job ended)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class ClusterStatus:
     expected_workers: int = 0  # kuberay: worker pods the RayCluster asks for
     service: str | None = None  # kuberay: the head's Service (dashboard port 8265 inside the cluster)
     head: HeadProcess | None = None  # local
+    usage: Usage | None = None  # queue wait, run time and GPU-hours so far (hpcray.flows.status)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

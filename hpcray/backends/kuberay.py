@@ -532,7 +532,8 @@ def expiry(raycluster: dict[str, Any]) -> float | None:
 
 
 def node_status(s: kube.PodState) -> NodeStatus:
-    return NodeStatus(s.name, s.role, s.phase, s.reason, round(s.age(), 1), s.gpus)
+    return NodeStatus(s.name, s.role, s.phase, s.reason, round(s.age(), 1), s.gpus, created_at=s.created,
+                      started_at=s.started, ended_at=s.ended)
 
 
 def release_status(r: helm.ReleaseInfo | None) -> ReleaseStatus | None:

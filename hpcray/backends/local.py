@@ -219,7 +219,8 @@ class LocalBackend:
         reason = "" if alive else f"the head process {st.pid} is gone; see {self.dir / 'head.log'}"
         gpus = st.num_gpus if st.num_gpus is not None else (_detected_gpus(st) if ready else 0)
         head = NodeStatus(name=f"{self.name}-head", role="head", phase=phase, reason=reason,
-                          age_s=time.time() - st.started_at, gpus=gpus)
+                          age_s=time.time() - st.started_at, gpus=gpus, created_at=st.started_at,
+                          started_at=st.started_at)  # no queue on this machine
         return ClusterStatus(name=self.name, backend="local", exists=True, ready=ready, nodes=[head],
                              expires_at=st.expires_at, address=st.dashboard if alive else None,
                              tracking_uri=self.tracking_uri(),
