@@ -174,19 +174,21 @@ def test_run_refuses_a_job_that_cannot_fit_the_walltime_before_anything_starts(
 # ---------------------------------------------------------------------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "hpcray" / "examples"
-TRIALS = 4
+TRIALS, EPOCHS = 2, 100
 
 
-def _mlflow_runs(db: Path) -> list[tuple[str, str, str | None, str | None]]:
-    """(run id, status, parent run id, trial name) of every run in the store."""
+def _mlflow_runs(db: Path) -> list[tuple[str, str, str | None, str | None, int]]:
+    """(run id, status, parent run id, trial name, distinct val_loss steps) of every run in the store."""
     with sqlite3.connect(db) as c:
         rows = c.execute("SELECT run_uuid, status FROM runs").fetchall()
         tags = c.execute("SELECT run_uuid, key, value FROM tags").fetchall()
+        steps = dict(c.execute("SELECT run_uuid, COUNT(DISTINCT step) FROM metrics WHERE key = 'val_loss' "
+                               "GROUP BY run_uuid").fetchall())
     by_run: dict[str, dict[str, str]] = {}
     for run, key, value in tags:
         by_run.setdefault(run, {})[key] = value
-    return [(run, status, by_run.get(run, {}).get("mlflow.parentRunId"), by_run.get(run, {}).get("trial_name"))
-            for run, status in rows]
+    return [(run, status, by_run.get(run, {}).get("mlflow.parentRunId"), by_run.get(run, {}).get("trial_name"),
+             steps.get(run, 0)) for run, status in rows]
 
 
 @pytest.mark.slow
@@ -205,10 +207,10 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
     db = store / "mlflow.db"
     profile = box_profile(
         site_box, tmp_path, "wt", workers={"cpu": {"replicas": 0, "cpu": "1", "memory": "2G"}},
-        head={"cpu": "2", "memory": "4G"}, interlink={"slurm": {"time": "1", "stop_margin": "20s"}},
+        head={"cpu": "2", "memory": "4G"}, interlink={"slurm": {"time": "1", "stop_margin": "10s"}},
         mlflow={"tracking_uri": f"sqlite:///{db}", "experiment": "walltime", "credentials": "none"},
-        jobs={"hpo": {"entrypoint": f"python hpo.py --trials {TRIALS} --epochs 40 --samples 3000",
-                      "working_dir": str(EXAMPLES), "resume": True, "max_attempts": 4,
+        jobs={"hpo": {"entrypoint": f"python hpo.py --trials {TRIALS} --epochs {EPOCHS} --samples 2000",
+                      "working_dir": str(EXAMPLES), "resume": True, "max_attempts": 10,
                       "env": {"HPCRAY_RESULTS_DIR": str(results)}},
               "long": {"entrypoint": "true", "max_runtime": "10m"}})
     env = {**os.environ, "HPCRAY_STATE_DIR": str(tmp_path / "state")}
@@ -227,7 +229,7 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
                                                capture_output=True, text=True, env=env).stdout)
         refused = subprocess.run([sys.executable, "-m", "hpcray.cli", "submit", "--must-fit", "-p", str(profile),
                                   "long"], capture_output=True, text=True, env=env)
-        out, err = run.communicate(timeout=600)
+        out, err = run.communicate(timeout=1200)
     finally:
         if run.poll() is None:
             run.kill()
@@ -248,5 +250,5 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
     assert len(parents) == 1 and job["mlflow_run_ids"] == [parents[0][0]], runs
     assert parents[0][1] == "FINISHED", runs
     assert len(trials) == TRIALS and len({t[3] for t in trials}) == TRIALS, runs  # each trial counted once
-    assert all(t[2] == parents[0][0] and t[1] == "FINISHED" for t in trials), runs
+    assert all(t[2] == parents[0][0] and t[1] == "FINISHED" and t[4] == EPOCHS for t in trials), runs
     print(f"sweep over {job['attempts']} allocations; {len(trials)} trial runs under parent {parents[0][0]}")

@@ -5,7 +5,7 @@ The parent run holds the best config and its validation loss; `mlflow ui` shows 
 Resumable (`resume: true` in the profile's job): Tune keeps the experiment in $HPCRAY_RESULTS_DIR (a directory on the
 shared filesystem that outlives the cluster) under $HPCRAY_RESUME_NAME, which hpcray gives every attempt alike; an
 attempt that finds it there restores it (`Tuner.restore(..., resume_errored=True)`: finished trials stay finished,
-the others run again), logs to the parent run $HPCRAY_MLFLOW_PARENT_RUN_ID (the one the first attempt announced),
+the others continue from their last epoch's checkpoint), logs to the parent run $HPCRAY_MLFLOW_PARENT_RUN_ID (the one the first attempt announced),
 and a trial run again logs to the MLflow run it had. SIGTERM (`ray job stop`, which hpcray sends before the
 walltime) stops the sweep as Ctrl-C does: Tune saves its state and the job exits with 1.
 """
@@ -16,8 +16,10 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 
 import mlflow
+import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -44,10 +46,21 @@ class OneRunPerTrial(MLflowLoggerCallback):
 
 
 def trainable(config: dict) -> None:
+    """Train, reporting each epoch with a checkpoint (the model's arrays), so that a trial stopped by the walltime
+    continues from its last epoch when the sweep is restored."""
     data = make_data(config["samples"])
-    model = MLP.init(data[0].shape[1], config["hidden"])
-    for _, train_loss, val_loss in train_epochs(model, data, config["epochs"], config["lr"], config["batch"]):
-        tune.report({"train_loss": train_loss, "val_loss": val_loss})
+    model, done = MLP.init(data[0].shape[1], config["hidden"]), 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = np.load(os.path.join(d, "model.npz"))
+            model, done = MLP(saved["w1"], saved["b1"], saved["w2"], saved["b2"]), int(saved["epoch"])
+    for epoch, train_loss, val_loss in train_epochs(model, data, config["epochs"] - done, config["lr"],
+                                                    config["batch"], seed=done):
+        with tempfile.TemporaryDirectory() as d:
+            np.savez(os.path.join(d, "model.npz"), epoch=done + epoch, **vars(model))
+            tune.report({"train_loss": train_loss, "val_loss": val_loss},
+                        checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def main() -> None:
@@ -60,10 +73,15 @@ def main() -> None:
     # Trial workers print nothing of their own (Tune reports a failed trial here, with its traceback), but Ray
     # SIGTERMs them as the sweep ends, which now and then prints a spurious `SystemExit: 1` traceback: their
     # output stays in Ray's worker logs.
-    ray.init(log_to_driver=False)
     stopped: list[int] = []
-    # SIGTERM as Ctrl-C: Tune's own SIGINT handler then ends the sweep and saves its state for a restore.
-    signal.signal(signal.SIGTERM, lambda signum, frame: (stopped.append(signum), os.kill(os.getpid(), signal.SIGINT)))
+
+    def as_ctrl_c(signum: int, frame: object) -> None:  # Tune's SIGINT handler ends the sweep and saves its state
+        stopped.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, as_ctrl_c)
+    ray.init(log_to_driver=False)
+    signal.signal(signal.SIGTERM, as_ctrl_c)  # again: ray.init installs its own, which only dumps a stack
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "hpcray-demo")
     mlflow.set_experiment(experiment)
     parent_id = os.environ.get("HPCRAY_MLFLOW_PARENT_RUN_ID")
@@ -92,7 +110,8 @@ def main() -> None:
                 param_space=space,
                 # one trial after another in the same worker: no worker start-up per trial
                 tune_config=tune.TuneConfig(num_samples=args.trials, metric="val_loss", mode="min", reuse_actors=True),
-                run_config=tune.RunConfig(name=name, callbacks=[callback], verbose=0, storage_path=storage),
+                run_config=tune.RunConfig(name=name, callbacks=[callback], verbose=0, storage_path=storage,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         results = tuner.fit()
         if stopped:
