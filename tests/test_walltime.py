@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -113,6 +114,24 @@ def test_a_pods_start_and_limit_come_from_what_the_plugin_reports_and_what_sbatc
     assert ClusterStatus("l", "local", True, True, nodes=[NodeStatus("n", "head", "Ready")]).time_left_s() is None
 
 
+def test_each_attempt_of_a_resumable_job_gets_the_same_name_and_from_the_second_on_the_parent_run() -> None:
+    from hpcray.flows import JobResult, _attempt
+    from hpcray.profile import JobSpec
+
+    plain = JobSpec(entrypoint="python hpo.py", env={"A": "1"})
+    result = JobResult("hpo")
+    assert _attempt(plain, result) is plain
+    spec = JobSpec(entrypoint="python hpo.py", env={"A": "1"}, resume=True)
+    first = _attempt(spec, result).env
+    assert first["A"] == "1" and first["HPCRAY_ATTEMPT"] == "1" and first["HPCRAY_RESUME_NAME"].startswith("hpo-")
+    assert "HPCRAY_MLFLOW_PARENT_RUN_ID" not in first
+    result.attempts, result.mlflow_run_ids = 1, ["a" * 32, "b" * 32]
+    second = _attempt(spec, result).env
+    assert second["HPCRAY_RESUME_NAME"] == first["HPCRAY_RESUME_NAME"] and second["HPCRAY_ATTEMPT"] == "2"
+    assert second["HPCRAY_MLFLOW_PARENT_RUN_ID"] == "a" * 32  # the first run the job announced: its parent
+    assert spec.env == {"A": "1"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The profile
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +193,10 @@ def test_run_refuses_a_job_that_cannot_fit_the_walltime_before_anything_starts(
 # ---------------------------------------------------------------------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "hpcray" / "examples"
-TRIALS, EPOCHS = 2, 100
+TRIALS, EPOCHS, PACE_S = 2, 100, 0.5
+"""Each epoch takes at least PACE_S (tests/paced_job.py): a sweep of about 50 s of training on any machine, longer
+than what a 1-minute allocation leaves a job once Ray is up, so it needs at least two; checkpointed each epoch, it
+progresses in each."""
 
 
 def _mlflow_runs(db: Path) -> list[tuple[str, str, str | None, str | None, int]]:
@@ -201,16 +223,23 @@ def _mlflow_runs(db: Path) -> list[tuple[str, str, str | None, str | None, int]]
 def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: Any, tmp_path: Path) -> None:
     from tests.test_access import box_profile
 
-    results, store = tmp_path / "results", tmp_path / "mlflow"
-    results.mkdir()
-    store.mkdir()
-    db = store / "mlflow.db"
+    # The shared filesystem: a directory bound into the pods at the same path (singularity --containall gives each
+    # container a private /tmp), holding Tune's experiment and the MLflow store, which outlive each allocation.
+    shared = tmp_path / "shared"
+    results = shared / "results"
+    results.mkdir(parents=True)
+    db = shared / "mlflow.db"
+    work = tmp_path / "work"
+    shutil.copytree(EXAMPLES, work, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(__file__).parent / "paced_job.py", work / "paced.py")
     profile = box_profile(
         site_box, tmp_path, "wt", workers={"cpu": {"replicas": 0, "cpu": "1", "memory": "2G"}},
         head={"cpu": "2", "memory": "4G"}, interlink={"slurm": {"time": "1", "stop_margin": "10s"}},
+        volumes=[{"name": "shared", "mount_path": str(shared), "host_path": str(shared)}],
         mlflow={"tracking_uri": f"sqlite:///{db}", "experiment": "walltime", "credentials": "none"},
-        jobs={"hpo": {"entrypoint": f"python hpo.py --trials {TRIALS} --epochs {EPOCHS} --samples 2000",
-                      "working_dir": str(EXAMPLES), "resume": True, "max_attempts": 10,
+        jobs={"hpo": {"entrypoint": f"python paced.py {PACE_S} hpo.py --trials {TRIALS} --epochs {EPOCHS} "
+                                    "--samples 2000",
+                      "working_dir": str(work), "resume": True, "max_attempts": 12,
                       "env": {"HPCRAY_RESULTS_DIR": str(results)}},
               "long": {"entrypoint": "true", "max_runtime": "10m"}})
     env = {**os.environ, "HPCRAY_STATE_DIR": str(tmp_path / "state")}
@@ -229,7 +258,7 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
                                                capture_output=True, text=True, env=env).stdout)
         refused = subprocess.run([sys.executable, "-m", "hpcray.cli", "submit", "--must-fit", "-p", str(profile),
                                   "long"], capture_output=True, text=True, env=env)
-        out, err = run.communicate(timeout=1200)
+        out, err = run.communicate(timeout=1500)
     finally:
         if run.poll() is None:
             run.kill()
@@ -251,4 +280,7 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
     assert parents[0][1] == "FINISHED", runs
     assert len(trials) == TRIALS and len({t[3] for t in trials}) == TRIALS, runs  # each trial counted once
     assert all(t[2] == parents[0][0] and t[1] == "FINISHED" and t[4] == EPOCHS for t in trials), runs
-    print(f"sweep over {job['attempts']} allocations; {len(trials)} trial runs under parent {parents[0][0]}")
+    print(f"sweep of {EPOCHS} epochs over {job['attempts']} allocations; {len(trials)} trial runs under parent "
+          f"{parents[0][0]}")
+    print("status:", shown[1], "run:", *[line for line in err.splitlines() if line.startswith(("hpcray", "job "))],
+          sep="\n")
