@@ -229,6 +229,10 @@ def test_a_sweep_longer_than_the_walltime_resumes_on_a_new_allocation(site_box: 
     results = shared / "results"
     results.mkdir(parents=True)
     db = shared / "mlflow.db"
+    # the store made before anything uses it: two first users of one sqlite file race on its tables' creation
+    made = subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.MlflowClient('sqlite:///{db}')"
+                                                 ".search_experiments()"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
     work = tmp_path / "work"
     shutil.copytree(EXAMPLES, work, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(Path(__file__).parent / "paced_job.py", work / "paced.py")
