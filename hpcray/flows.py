@@ -418,8 +418,8 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                             info = jobs.follow(api, result.submission_id, output)
                         ended = "the walltime stop" if stopped and info["status"] == "STOPPED" else None
                     except ClusterError as exc:
-                        ended = _ended_under(backend, cluster)
-                        if ended is None or not _resumes(spec, result):
+                        ended = _ended_under(backend, cluster) if _resumes(spec, result) else None
+                        if ended is None:
                             raise _lost(p, backend, result, exc) from None
                     finally:
                         output.close()
