@@ -265,6 +265,12 @@ skip_preflight_option = click.option(
     help="Don't check interLink's virtual node (Ready, taints, free CPU/memory/GPUs, PodCIDR) before helm runs.")
 
 
+must_fit_option = click.option(
+    "--must-fit", is_flag=True,
+    help="Refuse (exit 2, nothing submitted) a job whose max_runtime exceeds what is left of the cluster's SLURM "
+         "allocation before hpcray stops it (default: a warning).")
+
+
 @contextlib.contextmanager
 def _jobs_api(profile_ref: str, address: str | None, access: str | None = None) -> Iterator[JobsApi]:
     """The Jobs API at --address (the profile is not read), else of the profile's cluster, reached as --access (else
@@ -347,6 +353,7 @@ def _print_submission(s: Submit, as_json: bool) -> None:
 @click.option("--num-gpus", "--entrypoint-num-gpus", "num_gpus", type=float, help="GPUs reserved for the entrypoint.")
 @click.option("--submission-id", metavar="ID", help="The job's id (default: Ray makes one).")
 @click.option("--no-wait", is_flag=True, help="Print the submission id and return; don't follow the job.")
+@must_fit_option
 @click.option("--on-interrupt", type=click.Choice(["stop", "detach"]), default="stop", show_default=True,
               help="What Ctrl-C while following does: stop the job, or leave it running; then exit 130.")
 @click.option("--dry-run", is_flag=True, help="Print the job that would be submitted (secrets redacted); contact "
@@ -356,7 +363,8 @@ def _print_submission(s: Submit, as_json: bool) -> None:
 def submit(ctx: click.Context, profile_ref: str, address: str | None, access: str | None, job_args: tuple[str, ...],
            working_dir: str | None, requirements: str | None, pip: tuple[str, ...], wheels: tuple[str, ...],
            env_pairs: tuple[str, ...], runtime_env_json: str | None, num_cpus: float | None, num_gpus: float | None,
-           submission_id: str | None, no_wait: bool, on_interrupt: str, dry_run: bool, as_json: bool) -> None:
+           submission_id: str | None, no_wait: bool, must_fit: bool, on_interrupt: str, dry_run: bool,
+           as_json: bool) -> None:
     """Submit a job to the profile's Ray cluster (or --address) and follow its logs until it ends.
 
     \b
@@ -383,6 +391,7 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, access: st
     if dry_run:
         _print_submission(s, as_json)
         return
+    stop_at = None if address else flows.submit_walltime(p, name, must_fit=must_fit, warn=echo_err)
     with flows.submitted(s, address=address, access=access, progress=echo_err, warn=echo_err) as (api, job_id):
         if no_wait:
             if as_json:
@@ -393,7 +402,7 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, access: st
             return
         echo_err(f"submitted job {job_id} to {api.address}; Ctrl-C {'stops' if on_interrupt == 'stop' else 'detaches'}")
         result = flows.follow_submitted(s, api, job_id, out=sys.stderr if as_json else sys.stdout, say=echo_err,
-                                        on_interrupt=on_interrupt, usage=address is None)
+                                        on_interrupt=on_interrupt, usage=address is None, stop_at=stop_at)
     if as_json:
         from dataclasses import asdict
 
@@ -498,6 +507,14 @@ def _expiry(epoch: float | None) -> str:
     return f"expires in {text}" if left > 0 else f"expired {text} ago"
 
 
+def _walltime(status: ClusterStatus) -> str:
+    import time
+
+    from hpcray.walltime import left_words
+
+    return left_words(status.ends_at, time.time())
+
+
 def _print_cluster(status: ClusterStatus) -> None:
     from hpcray.accounting import duration as duration_words
 
@@ -508,6 +525,7 @@ def _print_cluster(status: ClusterStatus) -> None:
     gpus = sum(n.gpus for n in status.nodes)
     click.echo(f"{status.name}: {status.backend}{where}{release}; {state}; "
                f"{ready_nodes}/{len(status.nodes)} {status.node_kind}s Ready; {gpus} GPUs; {_expiry(status.expires_at)}"
+               + (f"; {_walltime(status)}" if status.ends_at is not None else "")
                + (f"; dashboard {status.address}" if status.address else "")
                + (f"; MLflow {status.tracking_uri}" if status.tracking_uri else ""))
     if status.usage is not None:
@@ -691,16 +709,19 @@ def _print_run_plan(plan: RunPlan, as_json: bool) -> None:
 @click.option("--timeout", metavar="DUR", help="How long to wait for the cluster (default: the profile's timeout).")
 @access_option
 @skip_preflight_option
+@must_fit_option
 @click.option("--dry-run", is_flag=True, help="Print what would be brought up, submitted and torn down; touch "
                                               "nothing.")
 @json_option
 def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, access: str | None,
-            skip_preflight: bool, dry_run: bool, as_json: bool) -> None:
+            skip_preflight: bool, must_fit: bool, dry_run: bool, as_json: bool) -> None:
     """Bring the profile's cluster up, run each JOB of the profile in turn, and tear the cluster down.
 
     \b
     The teardown happens whatever the outcome: a failed job, an error, Ctrl-C, SIGTERM or SIGHUP (a running job
     is stopped first); --keep leaves the cluster up. MLflow is checked before anything starts.
+    On interLink a job is stopped gracefully interlink.slurm.stop_margin before its SLURM allocation ends; one
+    with `resume: true` is then submitted again on the cluster brought up again, up to its max_attempts.
     Exit code: the worst job's (0 SUCCEEDED, 1 FAILED, 3 STOPPED), 2 when nothing ran, 128+N on signal N.
     """
     from hpcray import flows
@@ -713,7 +734,7 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
                                        warn=echo_err), as_json)
         return
     report = flows.run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep,
-                       timeout_s=timeout_s, skip_preflight=skip_preflight, access=access)
+                       timeout_s=timeout_s, skip_preflight=skip_preflight, access=access, must_fit=must_fit)
     if as_json:
         print_json(report.to_json())
     else:

@@ -137,3 +137,7 @@ class AccessRefused(ClusterError):
 class PreflightFailed(HpcrayError):
     """The interLink virtual node cannot run the cluster as the profile asks (missing, NotReady, a taint not
     tolerated, too little CPU/memory/GPU, no PodCIDR for pod-vpn); checked before helm runs, nothing installed."""
+
+
+class WalltimeTooShort(HpcrayError):
+    """A job's max_runtime does not fit what is left of its cluster's SLURM allocation (`--must-fit`)."""

@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import secrets
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
-from hpcray import accounting, jobs
+from hpcray import accounting, jobs, walltime
 from hpcray.backends import backend_for
-from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted, TrackingError
+from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted, TrackingError, WalltimeTooShort
 from hpcray.profile import JobSpec, Profile, profile_ref
 from hpcray.secrets import Secret
 from hpcray.tracking import CredentialPlan, Credentials, credential_plan, log_usage, preflight
@@ -209,11 +211,14 @@ def submitted(s: Submit, *, address: str | None = None, access: str | None = Non
                                warn=warn)
 
 
-def follow(api: jobs.JobsApi, job_id: str, *, out: TextIO, say: Say, on_interrupt: str | None = None) -> str:
+def follow(api: jobs.JobsApi, job_id: str, *, out: TextIO, say: Say, on_interrupt: str | None = None,
+           stop_at: float | None = None) -> str:
     """Follow the job's logs to its end and say how it ended; its status. On Ctrl-C the job is stopped
-    (on_interrupt "stop") or left running, and Interrupted says which."""
+    (on_interrupt "stop") or left running, and Interrupted says which. At `stop_at` (epoch seconds: the walltime
+    margin, see `walltime_stop`) the job is stopped gracefully."""
     try:
-        info = jobs.follow(api, job_id, out)
+        with _stopped_at(api, job_id, stop_at, say):
+            info = jobs.follow(api, job_id, out)
     except KeyboardInterrupt:
         if on_interrupt == "stop":
             say(f"hpcray: interrupted; stopping job {job_id} …")
@@ -241,6 +246,8 @@ class JobResult:
     highlights: list[str] = field(default_factory=list)
     usage: accounting.Usage | None = None  # the job's, once it ended
     cluster_usage: accounting.Usage | None = None  # its cluster's, when the job ended
+    attempts: int = 0  # submissions made; more than one when the job was resumed on a new allocation
+    resume_name: str | None = None  # HPCRAY_RESUME_NAME, the same on every attempt of a `resume: true` job
 
     @property
     def exit_code(self) -> int:
@@ -362,10 +369,19 @@ def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, skip_prefl
 
 
 def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool = False,
-        timeout_s: float | None = None, skip_preflight: bool = False, access: str | None = None) -> RunReport:
-    """Run the named jobs of the profile on a fresh (or existing) cluster; what happened to each."""
+        timeout_s: float | None = None, skip_preflight: bool = False, access: str | None = None,
+        must_fit: bool = False) -> RunReport:
+    """Run the named jobs of the profile on a fresh (or existing) cluster; what happened to each. A job that may not
+    fit the allocation is warned about (refused with `must_fit`), stopped gracefully before the allocation ends,
+    and, with `resume: true`, submitted again on a cluster brought up again (see `_ended_under`)."""
     jobs.check_names(p, job_names)
     specs = {name: jobs.job_spec(p, name, []) for name in job_names}
+    limit = allocation_limit(p)
+    if limit is not None and _margin(p) >= limit:
+        say(f"hpcray: warning: interlink.slurm.stop_margin {p.interlink.slurm.stop_margin} is not shorter than the "
+            f"pods' --time ({walltime.human(limit)}): jobs are not stopped before SLURM's kill; lower it")
+    for name in job_names:  # before any HPC hour is spent: against the allocation a fresh cluster gets
+        check_fit(p, name, left_s=_left(p, limit), must_fit=must_fit, warn=say)
     plan = credential_plan(p)
     credentials = plan.load()
     if p.mlflow.tracking_uri:
@@ -376,34 +392,64 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
     current: JobResult | None = None
     report = RunReport(p.name, results, p.mlflow.tracking_uri, torn_down=False)
     way = contextlib.ExitStack()  # a port-forward to the head, where the backend needs one
+    def bring_up() -> ClusterStatus:
+        return backend.up(timeout=_timeout(p, timeout_s), progress=say,
+                          credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None),
+                          preflight=not skip_preflight, access=_access(p, access))
+
     try:
         with _signals_raise():
-            backend.up(timeout=_timeout(p, timeout_s), progress=say,
-                       credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None),
-                       preflight=not skip_preflight, access=_access(p, access))
+            cluster = bring_up()
             tracked = _tracked(p, backend.tracking_uri())
             report.tracking_uri = tracked.mlflow.tracking_uri
             if not p.mlflow.tracking_uri:
                 preflight(tracked, credentials)  # a server the backend started
             api = jobs.JobsApi(way.enter_context(backend.access(say, _access(p, access))))
             for result in results:
-                sub = _submission(tracked, result.name, specs[result.name], plan, credentials, None, say).submission
+                spec = specs[result.name]
                 current = result
-                result.submission_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version, progress=say,
-                                                   warn=say)
-                say(f"job {result.name}: submitted as {result.submission_id}")
-                result.status = "RUNNING"
-                output = JobOutput(out, result)
-                try:
-                    info = jobs.follow(api, result.submission_id, output)
-                except ClusterError as exc:
-                    raise _lost(p, backend, result, exc) from None
-                finally:
-                    output.close()
+                while True:
+                    check_fit(p, result.name, left_s=_left(p, cluster.time_left_s()), must_fit=must_fit, warn=say)
+                    sub = _submission(tracked, result.name, _attempt(spec, result), plan, credentials, None,
+                                      say).submission
+                    result.submission_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version,
+                                                       progress=say, warn=say)
+                    result.attempts += 1
+                    tries = f" (attempt {result.attempts} of {spec.max_attempts})" if spec.resume else ""
+                    say(f"job {result.name}: submitted as {result.submission_id}{tries}")
+                    result.status = "RUNNING"
+                    output = JobOutput(out, result)
+                    info: dict[str, Any] | None = None
+                    try:
+                        with _stopped_at(api, result.submission_id, walltime_stop(p, cluster), say) as stopped:
+                            info = jobs.follow(api, result.submission_id, output)
+                        ended = "the walltime stop" if stopped and info["status"] == "STOPPED" else None
+                    except ClusterError as exc:
+                        ended = _ended_under(backend, cluster) if _resumes(spec, result) else None
+                        if ended is None:
+                            raise _lost(p, backend, result, exc) from None
+                    finally:
+                        output.close()
+                    if ended is not None and _resumes(spec, result):
+                        say(f"job {result.name}: attempt {result.attempts} of {spec.max_attempts} ended by {ended}; "
+                            "bringing the cluster up again to resume it")
+                        current, api = None, None  # nothing of it is left to stop
+                        way.close()
+                        backend.down(progress=say)
+                        cluster = bring_up()
+                        api = jobs.JobsApi(way.enter_context(backend.access(say, _access(p, access))))
+                        current = result
+                        continue
+                    break
+                assert info is not None  # a lost cluster raised above unless the job was resumed
                 result.status = str(info["status"])
                 account(p, backend, result, info, tracked.mlflow.tracking_uri, credentials, say)
                 if result.status == "FAILED" and info.get("message"):
                     say(str(info["message"]).rstrip())
+                if ended is not None:
+                    say(f"job {result.name}: stopped before the allocation's end" +
+                        (f" after {result.attempts} attempt(s) (max_attempts)" if spec.resume else
+                         "; `resume: true` in the job would continue it on a new allocation"))
                 say(f"job {result.name}: {result.status}")
                 current = None
     finally:
@@ -424,6 +470,128 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
         if received:
             raise Interrupted(received[0])
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Walltime: max_runtime against the allocation left, the graceful stop before its end, resume on a new one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _margin(p: Profile) -> float:
+    return parse_duration(p.interlink.slurm.stop_margin)  # checked when the profile loaded
+
+
+def allocation_limit(p: Profile) -> float | None:
+    """The shortest SLURM `--time` among the profile's pods (interLink only); None where none applies."""
+    if not p.interlink.enabled:
+        return None
+    from hpcray.render import slurm_flags
+
+    limits = [walltime.time_limit(slurm_flags(p, g)) for g in (p.head, *p.workers.values())]
+    return min((t for t in limits if t is not None), default=None)
+
+
+def _left(p: Profile, allocation_left_s: float | None) -> float | None:
+    """Seconds a job has before hpcray stops it: the allocation left less the stop margin."""
+    return None if allocation_left_s is None else allocation_left_s - _margin(p)
+
+
+def walltime_stop(p: Profile, cluster: ClusterStatus) -> float | None:
+    """When a job on this cluster is stopped gracefully (epoch seconds); None where no walltime is known, or where
+    the stop margin is as long as the pods' --time (a stop at once would be no use: SLURM's kill ends the job)."""
+    limits = [n.time_limit_s for n in cluster.nodes if n.time_limit_s is not None]
+    if not p.interlink.enabled or (limits and _margin(p) >= min(limits)):
+        return None
+    return walltime.stop_at(cluster.ends_at, _margin(p))
+
+
+def check_fit(p: Profile, name: str | None, *, left_s: float | None, must_fit: bool, warn: Say) -> None:
+    """Warn (refuse with `must_fit`: WalltimeTooShort) when the job's max_runtime exceeds `left_s`."""
+    spec = p.jobs.get(name) if name else None
+    if spec is None or spec.max_runtime is None:
+        return
+    problem = walltime.fit_problem(name or "", parse_duration(spec.max_runtime), left_s, max_runtime=spec.max_runtime)
+    if problem is None:
+        return
+    if must_fit:
+        raise WalltimeTooShort(f"{problem}; nothing submitted: raise interlink.slurm.time, lower max_runtime, or "
+                               f"drop --must-fit to run it anyway")
+    warn(f"hpcray: warning: {problem}; it will be stopped then (--must-fit refuses instead)")
+
+
+def submit_walltime(p: Profile, name: str | None, *, must_fit: bool, warn: Say) -> float | None:
+    """Before `submit` to the profile's cluster: the max_runtime check against the allocation left, and when to
+    stop the job gracefully (epoch seconds), or None where no walltime applies."""
+    if not p.interlink.enabled:
+        return None
+    cluster = backend_for(p).status()
+    check_fit(p, name, left_s=_left(p, cluster.time_left_s()), must_fit=must_fit, warn=warn)
+    return walltime_stop(p, cluster)
+
+
+@contextlib.contextmanager
+def _stopped_at(api: jobs.JobsApi, job_id: str, at: float | None, say: Say) -> Iterator[list[float]]:
+    """Stop the job at `at` (epoch seconds) through the Jobs API, as `ray job stop` does: SIGTERM, then SIGKILL
+    after Ray's grace period, so that it can checkpoint and flush MLflow. Yields a list that holds the time it
+    was stopped, once it was."""
+    stopped: list[float] = []
+
+    def stop() -> None:
+        stopped.append(time.time())
+        say(f"hpcray: the cluster's SLURM allocation ends soon (interlink.slurm.stop_margin): stopping job {job_id} "
+            "gracefully (SIGTERM through the Jobs API, as `ray job stop`) so it can checkpoint and flush MLflow")
+        try:
+            jobs.stop(api, job_id, wait=False)
+        except HpcrayError as exc:
+            say(f"hpcray: could not stop job {job_id}: {exc}")
+
+    timer = threading.Timer(max(0.0, at - time.time()), stop) if at is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield stopped
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _resumes(spec: JobSpec, result: JobResult) -> bool:
+    return spec.resume and result.attempts < spec.max_attempts
+
+
+def _attempt(spec: JobSpec, result: JobResult) -> JobSpec:
+    """A `resume: true` job as its next attempt gets it: HPCRAY_RESUME_NAME (the same every time: a Tune
+    experiment's name), HPCRAY_ATTEMPT, and from the second on HPCRAY_MLFLOW_PARENT_RUN_ID, the first MLflow run the
+    job announced (`MLFLOW_RUN_ID=`), to log to again."""
+    if not spec.resume:
+        return spec
+    if result.resume_name is None:
+        result.resume_name = f"{result.name}-{secrets.token_hex(4)}"
+    env = {**spec.env, "HPCRAY_RESUME_NAME": result.resume_name, "HPCRAY_ATTEMPT": str(result.attempts + 1)}
+    if result.mlflow_run_ids:
+        env["HPCRAY_MLFLOW_PARENT_RUN_ID"] = result.mlflow_run_ids[0]
+    return dataclasses.replace(spec, env=env)
+
+
+def _ended_under(backend: Backend, cluster: ClusterStatus) -> str | None:
+    """Why the cluster a job ran on is gone, when it is: SLURM's walltime (the head's allocation has ended), or the
+    head pod gone (not Ready, or replaced: KubeRay deletes a head whose pod failed and makes a new one); None when
+    the head it had is still Ready (the Jobs API did not answer for some other reason)."""
+    head = next((n for n in cluster.nodes if n.role == "head"), None)
+    try:
+        now = backend.status()
+    except HpcrayError:
+        return None
+    if head is None:
+        return None
+    same = next((n for n in now.nodes if n.name == head.name), None)
+    if same is not None and same.phase == "Ready":
+        return None
+    end = walltime.allocation_end(head.started_at, head.time_limit_s)
+    if end is not None and time.time() >= end:
+        return f"SLURM's walltime ({walltime.TIMEOUT_REASON}: --time {walltime.human(head.time_limit_s or 0)})"
+    return f"the head pod {head.name} going away ({same.phase if same else 'deleted'})"
 
 
 def _lost(p: Profile, backend: Backend, result: JobResult, exc: ClusterError) -> ClusterError:
@@ -461,13 +629,14 @@ def account(p: Profile, backend: Backend, result: JobResult, info: dict[str, Any
 
 
 def follow_submitted(s: Submit, api: jobs.JobsApi, job_id: str, *, out: TextIO, say: Say, on_interrupt: str,
-                     usage: bool) -> JobResult:
+                     usage: bool, stop_at: float | None = None) -> JobResult:
     """`submit`'s following: the job's output (read for its MLflow runs, as `run` reads it) to its end, then, with
     `usage`, its usage on the profile's cluster (not for a cluster given by --address: hpcray cannot see its pods)."""
     result = JobResult(s.name or "entrypoint", submission_id=job_id, status="RUNNING")
     output = JobOutput(out, result)
     try:
-        result.status = follow(api, job_id, out=output, say=say, on_interrupt=on_interrupt)  # type: ignore[arg-type]
+        result.status = follow(api, job_id, out=output, say=say, on_interrupt=on_interrupt,  # type: ignore[arg-type]
+                               stop_at=stop_at)
     finally:
         output.close()
     if usage:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from hpcray import accounting
+from hpcray import accounting, walltime
 from hpcray.errors import KubeError
 from hpcray.secrets import Secret
 from hpcray.waiting import Deadline
@@ -267,6 +267,7 @@ class PodState:
     node: str | None
     started: float | None = None  # epoch seconds: its first container running (on interLink: its SLURM job running)
     ended: float | None = None  # epoch seconds: its last container terminated, once all are
+    time_limit_s: float | None = None  # its SLURM --time (slurm-job.vk.io/flags); None: none known
 
     @property
     def ready(self) -> bool:
@@ -295,7 +296,14 @@ def pod_state(pod: Obj) -> PodState:
         shown, reason = phase, _not_ready_reason(status, conditions)
     role = (meta.get("labels") or {}).get(HEAD_LABEL, "worker")
     return PodState(meta["name"], role, shown, reason, created, gpus, spec.get("nodeName"),
-                    *_run_times(status.get("containerStatuses") or []))
+                    *_run_times(status.get("containerStatuses") or []), time_limit_s=_time_limit(flags))
+
+
+def _time_limit(flags: str) -> float | None:
+    try:
+        return walltime.time_limit(flags)
+    except ValueError:  # a --time sbatch refuses: no limit hpcray can count with
+        return None
 
 
 def _run_times(statuses: list[Obj]) -> tuple[float | None, float | None]:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 from hpcray import shipped
 from hpcray.errors import ProfileError
 from hpcray.waiting import parse_duration
+from hpcray.walltime import parse_slurm_time
 
 KUBERAY_REPO = "https://ray-project.github.io/kuberay-helm/"
 
@@ -129,7 +130,11 @@ class SlurmSpec:
     """sbatch flags interLink's SLURM plugin puts in each pod's batch script (`slurm-job.vk.io/flags`)."""
 
     partition: str | None = opt(None, "SLURM partition (-p).", "gpu")
-    time: str | None = opt(None, "Wall-time limit (--time).", "04:00:00")
+    time: str | None = opt(None, "Wall-time limit (--time), in any SLURM format: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S "
+                                 "or UNLIMITED. hpcray counts each pod's allocation end from it.", "04:00:00")
+    stop_margin: str = opt("5m", "While following a job, hpcray stops it gracefully (SIGTERM through the Jobs API, as "
+                                 "`ray job stop`) this long before its cluster's allocation ends, so it can checkpoint "
+                                 "and flush MLflow.", "10m")
     account: str | None = opt(None, "Account to charge (--account).", "s24r05-03-users")
     qos: str | None = opt(None, "Quality of service (--qos).")
     extra_flags: list[str] = opt(doc="Any other sbatch flags; CPUs and memory come from the pod limits.",
@@ -231,6 +236,13 @@ class JobSpec:
     num_gpus: float | None = opt(None, "GPUs reserved for the entrypoint.", 1)
     runtime_env: dict[str, Any] = opt(doc="Any other Ray runtime_env fields.", example={"excludes": ["*.ckpt"]},
                                       factory=dict)
+    max_runtime: str | None = opt(None, "How long the job may run (90s, 30m, 6h); `submit`/`run` warn when it won't fit "
+                                        "the cluster's allocation left (`--must-fit` refuses).", "2h")
+    resume: bool = opt(False, "`hpcray run`: when the cluster ends under the job (SLURM's walltime, the head gone), "
+                              "bring it up again and submit the job again with HPCRAY_RESUME_NAME (the same on every "
+                              "attempt) and HPCRAY_MLFLOW_PARENT_RUN_ID (the run the first attempt announced with "
+                              "`MLFLOW_RUN_ID=`) so that it continues where it stopped.")
+    max_attempts: int = opt(3, "With resume: attempts in all, the first included.", 5)
 
 
 @dataclass
@@ -747,7 +759,8 @@ def check_profile(p: Profile) -> None:
     if not _DNS_LABEL.match(p.name) or len(p.name) > 40:
         fail("name", f"{p.name!r} must be a lowercase DNS label of at most 40 characters (a-z, 0-9, '-'), "
                      "because it names the Helm release and its pods")
-    for key, value in (("ttl", p.ttl), ("timeout", p.timeout)):
+    for key, value in (("ttl", p.ttl), ("timeout", p.timeout), ("interlink.slurm.stop_margin",
+                                                                  p.interlink.slurm.stop_margin)):
         if value is not None:
             try:
                 parse_duration(value)
@@ -799,6 +812,18 @@ def check_profile(p: Profile) -> None:
         for key in ("num_cpus", "num_gpus"):
             if (getattr(job, key) or 0) < 0:
                 fail(f"jobs.{name}.{key}", "must not be negative")
+        if job.max_runtime is not None:
+            try:
+                parse_duration(job.max_runtime)
+            except ValueError as exc:
+                fail(f"jobs.{name}.max_runtime", str(exc))
+        if job.max_attempts < 1:
+            fail(f"jobs.{name}.max_attempts", f"{job.max_attempts} attempts would never run the job; write 1 or more")
+    if p.interlink.slurm.time is not None:
+        try:
+            parse_slurm_time(p.interlink.slurm.time)
+        except ValueError as exc:
+            fail("interlink.slurm.time", str(exc))
     if p.mlflow.credentials == "file" and not p.mlflow.credentials_file:
         fail("mlflow.credentials_file", "required when mlflow.credentials is 'file': a 0600 file with "
                                         "username= and password= lines")

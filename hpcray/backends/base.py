@@ -6,6 +6,7 @@ access to the Jobs API, the dashboard, the MLflow tracking URI, status and teard
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
@@ -51,6 +52,7 @@ class NodeStatus:
     created_at: float | None = None  # epoch seconds: the pod created, the local head started
     started_at: float | None = None  # epoch seconds: running (a pod: its SLURM job running, as interLink reports)
     ended_at: float | None = None  # epoch seconds: its containers all terminated (a pod's SLURM job ended)
+    time_limit_s: float | None = None  # its SLURM --time; None: no limit known
 
 
 @dataclass
@@ -90,9 +92,15 @@ class ClusterStatus:
     service: str | None = None  # kuberay: the head's Service (dashboard port 8265 inside the cluster)
     head: HeadProcess | None = None  # local
     usage: Usage | None = None  # queue wait, run time and GPU-hours so far (hpcray.flows.status)
+    ends_at: float | None = None  # epoch seconds: the first pod's SLURM allocation ends (hpcray.walltime)
+
+    def time_left_s(self, now: float | None = None) -> float | None:
+        """Seconds until the allocation ends (negative once it has); None when no end is known."""
+        return None if self.ends_at is None else self.ends_at - (time.time() if now is None else now)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        left = self.time_left_s()
+        return {**asdict(self), "time_left_s": None if left is None else round(left, 1)}
 
 
 class Backend(Protocol):

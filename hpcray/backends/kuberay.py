@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hpcray import helm, interlink, kube, portforward, targets
+from hpcray import helm, interlink, kube, portforward, targets, walltime
 from hpcray.backends.base import ClusterStatus, NodeStatus, Plan, Progress, ReleaseStatus, Step
 from hpcray.errors import AccessRefused, ClusterError, ClusterNotReady, CredentialsError, HpcrayError, Interrupted, \
     JobsApiRefused, KubeError
@@ -162,8 +162,8 @@ class KubeRayBackend:
                 outcome = self._after_failure(install.helm, k, down_on_failure, progress)
                 when = "cannot start" if failed else f"was not ready within {_seconds(timeout)}"
                 raise ClusterNotReady(f"{self.name} {when}: {diagnosis}; {outcome}")
-            return self._status(release, [kube.pod_state(p) for p in watch.pods.values()], install.expected_workers,
-                                install.expires_at)
+            return self._status(release, [(p, kube.pod_state(p)) for p in watch.pods.values()],
+                                install.expected_workers, install.expires_at)
 
     def _ray_up(self, k: kube.Kube, access: str, expected_workers: int, deadline: Deadline,
                 progress: Progress) -> str | None:
@@ -297,20 +297,22 @@ class KubeRayBackend:
         release = helm.status(helm.find_helm(), self.release)
         k = kube.connect(self.release.where)
         pods = kube.list_pods(k, self.selector)
-        states = [dataclasses.replace(s, reason=problem) if (problem := self._interlink_problem(pod)) else s
+        states = [(pod, dataclasses.replace(s, reason=problem) if (problem := self._interlink_problem(pod)) else s)
                   for pod, s in ((pod, kube.pod_state(pod)) for pod in pods)]
         rc = kube.get_raycluster(k, self.p.raycluster_name)
         return self._status(release, states, expected_workers(rc) if rc else 0, expiry(rc or {}))
 
-    def _status(self, release: helm.ReleaseInfo | None, states: list[kube.PodState], expected: int,
+    def _status(self, release: helm.ReleaseInfo | None, pods: list[tuple[kube.Obj, kube.PodState]], expected: int,
                 expires_at: float | None) -> ClusterStatus:
         deployed = release is not None and release.status == "deployed"
+        states = [s for _, s in pods]
+        nodes = [node_status(s) for _, s in pods]
         return ClusterStatus(
             name=self.name, backend="kuberay", exists=release is not None or bool(states),
             ready=deployed and states_ready(states, expected), node_kind="pod",
-            nodes=[node_status(s) for s in states], expires_at=expires_at, address=self._forwarded(),
+            nodes=nodes, expires_at=expires_at, address=self._forwarded(),
             tracking_uri=self.tracking_uri(), namespace=self.namespace, release=release_status(release),
-            expected_workers=expected, service=self.service)
+            expected_workers=expected, service=self.service, ends_at=cluster_ends_at(nodes))
 
     @contextlib.contextmanager
     def access(self, progress: Progress, mode: str = "auto") -> Iterator[Endpoint]:
@@ -533,7 +535,13 @@ def expiry(raycluster: dict[str, Any]) -> float | None:
 
 def node_status(s: kube.PodState) -> NodeStatus:
     return NodeStatus(s.name, s.role, s.phase, s.reason, round(s.age(), 1), s.gpus, created_at=s.created,
-                      started_at=s.started, ended_at=s.ended)
+                      started_at=s.started, ended_at=s.ended, time_limit_s=s.time_limit_s)
+
+
+def cluster_ends_at(nodes: list[NodeStatus]) -> float | None:
+    """When the first live pod's SLURM allocation ends (a pod already ended or going away no longer counts)."""
+    return walltime.cluster_end(walltime.allocation_end(n.started_at, n.time_limit_s) for n in nodes
+                                if n.phase in ("Running", "Ready"))
 
 
 def release_status(r: helm.ReleaseInfo | None) -> ReleaseStatus | None:
