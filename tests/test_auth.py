@@ -1,0 +1,121 @@
+"""Ray's token authentication on the head (Ray >= 2.52), as hpcray turns it on: a local head on real Ray, the values
+rendered for KubeRay, and a KubeRay cluster in the site in a box (real SLURM, real Ray, interLink as it really is).
+
+Without the token the head's Jobs API answers 401; every hpcray command sends it; the token is in no argv, rendered
+value, `--dry-run` or log line of hpcray's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hpcray import http
+from tests.hpcray_cli import run as hpcray
+
+CHARTS = Path(os.environ.get("HPCRAY_CHARTS_DIR", "/work/shared/charts"))
+
+
+def request(url: str, token: str | None = None) -> int:
+    """The status of a GET, with the token in Authorization as Ray's own clients send it, or without."""
+    headers: dict[str, str | Any] = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return http.request(url, "GET", headers=headers, timeout=30).status
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The local head, on real Ray
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_local_head_refuses_requests_without_its_token_and_hpcray_sends_it(tmp_path: Path) -> None:
+    profile = tmp_path / "tok.yaml"
+    profile.write_text(yaml.safe_dump({"name": "tok", "backend": "local", "local": {"num_cpus": 1},
+                                       "mlflow": {"credentials": "none"},
+                                       "jobs": {"hello": {"entrypoint": "echo hello-with-a-token"}}}))
+    env = {"HPCRAY_STATE_DIR": str(tmp_path / "state")}
+    plan = hpcray("up", "-p", str(profile), "--dry-run", extra_env=env)
+    assert plan.returncode == 0 and "start the head with RAY_AUTH_MODE=token" in plan.stdout, plan.stderr
+    up = hpcray("up", "-p", str(profile), extra_env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        [token_file] = (tmp_path / "state").glob("*/ray-token")
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text()
+        address = json.loads(hpcray("status", "-p", str(profile), "--json", extra_env=env).stdout)["address"]
+
+        assert request(f"{address}/api/jobs/") == 401
+        assert request(f"{address}/api/jobs/", "not-the-token") == 403
+        assert request(f"{address}/api/jobs/", token) == 200
+
+        done = hpcray("submit", "-p", str(profile), "hello", "--json", extra_env=env)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "SUCCEEDED", done.stderr
+        assert "hello-with-a-token" in done.stderr
+        listed = hpcray("list", "-p", str(profile), "--json", extra_env=env)
+        assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1
+        refused = hpcray("list", "--address", address, extra_env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+        assert refused.returncode != 0 and "refused us (403" in refused.stderr, refused.stderr
+
+        shown = hpcray("dashboard", "-p", str(profile), extra_env=env)
+        assert shown.returncode == 0 and f"it is in {token_file}" in shown.stderr, shown.stderr
+        for said in (plan, up, done, listed, shown):
+            assert token not in said.stdout + said.stderr
+    finally:
+        down = hpcray("down", "-p", str(profile), extra_env=env)
+    assert down.returncode == 0, down.stderr
+    assert not token_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The values rendered for KubeRay
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def kuberay_profile(directory: Path, **changes: Any) -> Path:
+    profile: dict[str, Any] = {
+        "name": "tok", "backend": "kuberay",
+        "chart": {"version": "1.2.2", **({"path": str(CHARTS / "ray-cluster-1.2.2.tgz")}
+                                          if (CHARTS / "ray-cluster-1.2.2.tgz").is_file() else {})},
+        "image": {"dir": "/sif", "name": "ray", "tag": "2.60.0", "ray_version": "2.60.0"},
+        "workers": {"cpu": {"replicas": 1}}, "mlflow": {"credentials": "none"}, **changes}
+    path = directory / "tok.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def containers_env(manifest: str) -> dict[str, list[dict[str, Any]]]:
+    """The env of every Ray container of the rendered RayCluster, by group."""
+    [rc] = [d for d in yaml.safe_load_all(manifest) if d and d.get("kind") == "RayCluster"]
+    groups = {"head": rc["spec"]["headGroupSpec"], **{g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}}
+    return {name: g["template"]["spec"]["containers"][0].get("env", []) for name, g in groups.items()}
+
+
+def test_the_pods_read_the_token_from_its_secret_and_an_old_ray_gets_none_with_a_warning(tmp_path: Path) -> None:
+    done = hpcray("render", "-p", str(kuberay_profile(tmp_path)), "--manifest")
+    assert done.returncode == 0, done.stderr
+    for group, env in containers_env(done.stdout).items():
+        by_name = {e["name"]: e for e in env}
+        assert by_name["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, group
+        assert by_name["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": "tok-hpcray-ray-token", "key": "token"}}}, group
+    plan = hpcray("up", "-p", str(kuberay_profile(tmp_path)), "--dry-run")
+    assert "create Secret tok-hpcray-ray-token in namespace default with a new random Ray token (token: ******)" \
+        in plan.stdout, plan.stdout + plan.stderr
+
+    for changes in ({"image": {"dir": "/sif", "name": "ray", "tag": "2.40.0", "ray_version": "2.40.0"}}, {"auth": "none"}):
+        done = hpcray("render", "-p", str(kuberay_profile(tmp_path, **changes)), "--manifest")
+        assert done.returncode == 0, done.stderr
+        assert not any(e["name"].startswith("RAY_AUTH") for env in containers_env(done.stdout).values() for e in env)
+        warned = [line for line in done.stderr.splitlines() if "token authentication" in line]
+        if "auth" in changes:
+            assert not warned
+        else:
+            assert warned == ["hpcray: warning: image.ray_version 2.40.0 has no token authentication (Ray >= 2.52): "
+                              "the head's dashboard will take jobs from anyone who reaches it; use an image with Ray "
+                              ">= 2.52, or set auth: none to silence this"]
