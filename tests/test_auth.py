@@ -7,6 +7,7 @@ value, `--dry-run` or log line of hpcray's.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -17,7 +18,10 @@ import pytest
 import yaml
 
 from hpcray import http
+from tests.fake_site_box import SiteBox
+from tests.fixtures_box import site_box  # noqa: F401  (the fixture)
 from tests.hpcray_cli import run as hpcray
+from tests.test_access import box_profile
 
 CHARTS = Path(os.environ.get("HPCRAY_CHARTS_DIR", "/work/shared/charts"))
 
@@ -108,7 +112,8 @@ def test_the_pods_read_the_token_from_its_secret_and_an_old_ray_gets_none_with_a
     assert "create Secret tok-hpcray-ray-token in namespace default with a new random Ray token (token: ******)" \
         in plan.stdout, plan.stdout + plan.stderr
 
-    for changes in ({"image": {"dir": "/sif", "name": "ray", "tag": "2.40.0", "ray_version": "2.40.0"}}, {"auth": "none"}):
+    old_ray = {"image": {"dir": "/sif", "name": "ray", "tag": "2.40.0", "ray_version": "2.40.0"}}
+    for changes in (old_ray, {"auth": "none"}):
         done = hpcray("render", "-p", str(kuberay_profile(tmp_path, **changes)), "--manifest")
         assert done.returncode == 0, done.stderr
         assert not any(e["name"].startswith("RAY_AUTH") for env in containers_env(done.stdout).values() for e in env)
@@ -119,3 +124,61 @@ def test_the_pods_read_the_token_from_its_secret_and_an_old_ray_gets_none_with_a
             assert warned == ["hpcray: warning: image.ray_version 2.40.0 has no token authentication (Ray >= 2.52): "
                               "the head's dashboard will take jobs from anyone who reaches it; use an image with Ray "
                               ">= 2.52, or set auth: none to silence this"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A KubeRay cluster in the site in a box: interLink resolves the token into the plugin's files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_cluster_in_the_box_runs_with_its_token_which_only_hpcray_and_the_hpc_side_hold(
+        site_box: SiteBox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (the fixture)
+    """Head and worker run Ray with the token (the worker's `wait-gcs-ready` health check and its Ray node need it
+    too); through the access path (the API server's service proxy) a request without it gets 401 and hpcray's submit
+    succeeds; a second `up` keeps the token; `down` removes its Secret. Where the token landed on the HPC side
+    (interLink writes resolved env values into the plugin's env files and debug log) is printed and checked."""
+    from hpcray import kube
+    from tests.vega_box import scan_files
+
+    assert site_box.api and site_box.info
+    info = site_box.info
+    monkeypatch.setenv("HPCRAY_STATE_DIR", str(tmp_path / "state"))
+    profile = box_profile(site_box, tmp_path, "tok")
+    up = hpcray("up", "-p", str(profile))
+    try:
+        assert up.returncode == 0 and "2 Ray node(s) alive" in up.stderr, up.stderr
+        assert "created Secret tok-hpcray-ray-token with the cluster's Ray token" in up.stderr
+        secret = site_box.api.get("secrets", "tok-hpcray-ray-token", info.namespace)
+        assert secret and secret["metadata"]["labels"]["hpcray.io/profile"] == "tok"
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        for pod in site_box.api.list("pods", info.namespace, labels="ray.io/cluster=tok-kuberay"):
+            env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "tok-hpcray-ray-token",
+                                                                           "key": "token"}}
+
+        k = kube.connect(kube.Target(info.namespace, None, info.kubeconfig))
+        proxy = kube.service_proxy(k, "tok-kuberay-head-svc", 8265)
+        assert http.request(proxy, "GET", "/api/jobs/").status == 401
+        assert http.request(proxy, "GET", "/api/jobs/", headers={"X-Ray-Authorization": f"Bearer {token}"}
+                            ).status == 200
+        done = hpcray("submit", "-p", str(profile), "hello", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "SUCCEEDED", done.stderr
+        assert "hello-from-slurm" in done.stderr
+
+        landed = scan_files([Path(info.data_root), Path(info.plugin_log)], token)
+        print("the Ray token on the HPC side:\n" + "\n".join(f"  {landing.line()}" for landing in landed))
+        assert {Path(landing.where).name for landing in landed} >= {"ray-head_envfile.properties",
+                                                                    "wait-gcs-ready_envfile.properties",
+                                                                    "ray-worker_envfile.properties"}
+        assert not scan_files([tmp_path], token), "the token is on the user's side"
+        for said in (up, done):
+            assert token not in said.stdout + said.stderr
+
+        again = hpcray("up", "-p", str(profile))
+        assert again.returncode == 0 and "created Secret" not in again.stderr, again.stderr
+        kept = site_box.api.get("secrets", "tok-hpcray-ray-token", info.namespace)
+        assert kept and kept["data"]["token"] == secret["data"]["token"]
+    finally:
+        down = hpcray("down", "-p", str(profile))
+    assert down.returncode == 0 and "deleted Secret tok-hpcray-ray-token" in down.stderr, down.stderr
+    assert site_box.api.get("secrets", "tok-hpcray-ray-token", info.namespace) is None

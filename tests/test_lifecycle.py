@@ -328,8 +328,9 @@ def test_ctrl_c_during_up_keeps_or_removes_the_release_as_asked(helm4: str, api:
     removed.send_signal(signal.SIGINT)
     _, err = removed.communicate(timeout=30)
     assert removed.returncode == 130, err
-    assert "the release and its Secret were removed (--down-on-failure)" in err
+    assert "the release and its Secrets were removed (--down-on-failure)" in err
     assert helm_releases(api, "lc") == {} and api.get("secrets", "lc-hpcray-mlflow") is None
+    assert api.get("secrets", "lc-hpcray-ray-token") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def test_a_local_tracking_store_takes_no_credentials_secret(helm4: str, api: Fak
     profile = write_profile(tmp_path, api, workers=0, tracking_uri=uri)  # credentials: env, both exported
     dry = hpcray("up", "-p", str(profile), "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "Secret" not in dry.stdout and "secretKeyRef" not in dry.stdout
+    assert "lc-hpcray-mlflow" not in dry.stdout  # no credentials Secret, and no pod reads one
     assert "MLFLOW_TRACKING_PASSWORD" not in dry.stdout
     done = hpcray("up", "-p", str(profile))
     assert done.returncode == 0, done.stderr

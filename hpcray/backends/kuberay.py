@@ -342,8 +342,8 @@ class KubeRayBackend:
             yield with_token(Endpoint(mode.rstrip("/") if _is_url(mode) else str(forwarded)), token)
             return
         k = kube.connect(self.release.where)
-        token = self._token(k)
         way = self._way(k, mode)
+        token = self._token(k)
         if way == "service-proxy":
             yield with_token(kube.service_proxy(k, self.service, DASHBOARD_PORT), token)
             return
