@@ -38,6 +38,11 @@ def request(url: str, token: str | None = None) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(
+    case="secrets: a request to the local head's Jobs API without its Ray token (auth: token, the default)",
+    sees="HTTP 401 `Unauthorized: Missing authentication token` (403 with a wrong token); hpcray's own commands send "
+         "the token and succeed; `hpcray dashboard` names the 0600 file that holds it",
+    remains="the token only in `ray-token` (0600) beside the head's state, removed by `down`; in no output")
 def test_a_local_head_refuses_requests_without_its_token_and_hpcray_sends_it(tmp_path: Path) -> None:
     profile = tmp_path / "tok.yaml"
     profile.write_text(yaml.safe_dump({"name": "tok", "backend": "local", "local": {"num_cpus": 1},
@@ -131,6 +136,12 @@ def test_the_pods_read_the_token_from_its_secret_and_an_old_ray_gets_none_with_a
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability(
+    case="secrets: a request through the API server's service proxy to a KubeRay head on interLink without its Ray "
+         "token (site in a box)",
+    sees="HTTP 401; `hpcray submit` sends the token from Secret NAME-hpcray-ray-token and the job SUCCEEDS",
+    remains="the token in that Secret (kept by a second `up`, deleted by `down`) and, as interLink resolves "
+            "secretKeyRef, in plaintext in the plugin's 0644 env file of each container and its debug log")
 def test_a_cluster_in_the_box_runs_with_its_token_which_only_hpcray_and_the_hpc_side_hold(
         site_box: SiteBox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (the fixture)
     """Head and worker run Ray with the token (the worker's `wait-gcs-ready` health check and its Ray node need it
@@ -165,13 +176,18 @@ def test_a_cluster_in_the_box_runs_with_its_token_which_only_hpcray_and_the_hpc_
         assert done.returncode == 0 and json.loads(done.stdout)["status"] == "SUCCEEDED", done.stderr
         assert "hello-from-slurm" in done.stderr
 
+        shown = hpcray("dashboard", "-p", str(profile))  # through the service proxy: it prints the way and ends
+        print(shown.stderr + shown.stdout)
+        assert shown.returncode == 0 and "kubectl get secret tok-hpcray-ray-token -n default -o jsonpath=" \
+            "'{.data.token}' | base64 -d" in shown.stderr, shown.stderr
+
         landed = scan_files([Path(info.data_root), Path(info.plugin_log)], token)
         print("the Ray token on the HPC side:\n" + "\n".join(f"  {landing.line()}" for landing in landed))
         assert {Path(landing.where).name for landing in landed} >= {"ray-head_envfile.properties",
                                                                     "wait-gcs-ready_envfile.properties",
                                                                     "ray-worker_envfile.properties"}
         assert not scan_files([tmp_path], token), "the token is on the user's side"
-        for said in (up, done):
+        for said in (up, done, shown):
             assert token not in said.stdout + said.stderr
 
         again = hpcray("up", "-p", str(profile))

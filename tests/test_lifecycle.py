@@ -405,8 +405,9 @@ def test_gc_removes_only_expired_hpcray_releases(helm4: str, api: FakeKubeAPI, t
     gc = hpcray("gc", "-p", profile)
     assert gc.returncode == 0, gc.stderr
     assert "uninstalled expired release old in namespace default" in gc.stderr and "removed 1" in gc.stdout
-    assert helm_releases(api, "old") == {}
+    assert helm_releases(api, "old") == {} and api.get("secrets", "old-hpcray-ray-token") is None
     assert all(helm_releases(api, n) for n in ("young", "forever", "other"))
+    assert api.get("secrets", "young-hpcray-ray-token") is not None
 
 
 def test_dry_run_prints_helm_command_and_values_and_touches_nothing(helm_bin: str, api: FakeKubeAPI,

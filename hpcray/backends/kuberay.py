@@ -1,6 +1,6 @@
 """A Ray cluster as a KubeRay release: helm installs it, hpcray.kube watches its pods until they are Ready.
 
-Ctrl-C during `up` stops waiting at once. With --down-on-failure the release and its Secret are removed; otherwise
+Ctrl-C during `up` stops waiting at once. With --down-on-failure the release and its Secrets are removed; otherwise
 they are left (the pods keep starting) and the message says `hpcray down -p PROFILE` removes them. Either way the
 command exits 130. A helm killed mid-install leaves a pending release that the next `up` rolls back or uninstalls.
 
