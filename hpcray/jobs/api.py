@@ -133,16 +133,17 @@ class JobsApi:
         except http.Unreachable as exc:
             raise ClusterError(f"cannot reach the Ray Jobs API at {self.address}: {exc.reason}; is the cluster up "
                                f"(`hpcray status`), or is --address wrong?") from None
-        if response.status in (401, 403) and self._carried:
+        if response.status in (401, 403) and self._carried and not self._proxied:
             raise JobsApiRefused(f"the Ray cluster at {self.address} refused the token hpcray keeps for it "
                                  f"({response.status}: {reason(response.text)}); was it re-created outside hpcray? "
                                  f"`hpcray down` and `hpcray up` give it a new one")
         if response.status in (401, 403):
+            where = ("(hpcray sent the one it keeps for the cluster)" if self._carried else
+                     "in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
             fix = ("check the credentials for the proxy in front of it (the kubeconfig's user) and, if Ray uses token "
                    "authentication, its token" if self._proxied else "it uses token authentication: put its token")
             raise JobsApiRefused(f"the Ray cluster at {self.address} refused us ({response.status}: "
-                                 f"{reason(response.text)}); {fix} in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
-                                 f"RAY_AUTH_TOKEN")
+                                 f"{reason(response.text)}); {fix} {where}")
         return response
 
     def _json(self, method: str, path: str, job_id: str | None = None, **kwargs: Any) -> Any:
