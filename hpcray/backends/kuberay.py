@@ -392,12 +392,16 @@ class KubeRayBackend:
                   access: str = "auto") -> None:
         """A URL: that. Through a port-forward: serve 127.0.0.1:port → the head pod's dashboard until Ctrl-C; job
         commands use it meanwhile. Through the service proxy: a browser lacks the kubeconfig's credentials, so
-        `kubectl proxy` (which adds them) is named with the address it then serves."""
-        if token_auth(self.p):
-            progress(f"the dashboard asks for the cluster's Ray token; print it with `kubectl get secret "
-                     f"{self.token_secret} -n {self.namespace} -o jsonpath='{{.data.{TOKEN_KEY}}}' | base64 -d`")
+        `kubectl proxy` (which adds them) is named with the address it then serves. Where the head runs with token
+        authentication, the way to print the token for the dashboard's login page is named with the address."""
+        def ready(url: str) -> None:
+            if token_auth(self.p):
+                progress(f"the dashboard asks for the cluster's Ray token; print it with `kubectl get secret "
+                         f"{self.token_secret} -n {self.namespace} -o jsonpath='{{.data.{TOKEN_KEY}}}' | base64 -d`")
+            on_ready(url)
+
         if _is_url(access):
-            on_ready(access)
+            ready(access)
             return
         k = kube.connect(self.release.where)
         way = self._way(k, access)
@@ -406,14 +410,14 @@ class KubeRayBackend:
             progress(f"the head's dashboard is reached through the Kubernetes API server's service proxy, which "
                      f"needs your kubeconfig's credentials: run `kubectl proxy --port {port or 8001}` and open the "
                      "address below")
-            on_ready(f"http://127.0.0.1:{port or 8001}{path}")
+            ready(f"http://127.0.0.1:{port or 8001}{path}")
             return
         relay = self._forward(k, port, progress, via_relay=way == "relay")
         recorded = self._dashboard_file()
         write_atomic(recorded, json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": self.namespace}))
         try:
             progress(f"forwarding {relay.url} to the head pod's dashboard ({DASHBOARD_PORT}) until Ctrl-C")
-            on_ready(relay.url)
+            ready(relay.url)
             relay.serve_forever()
         except KeyboardInterrupt:
             progress("port-forward stopped")
