@@ -152,7 +152,7 @@ def _network_reason(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The MLflow credentials Secret: the password leaves hpcray only in this request body
+# Secrets (MLflow credentials, Ray's token): their values leave hpcray only in these request bodies
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -171,6 +171,21 @@ def apply_secret(kube: Kube, name: str, data: dict[str, Secret | str], labels: d
             if exc.status != 409:
                 raise
             kube.request("PUT", "/api/v1/namespaces/{ns}/secrets/{name}", ns=kube.namespace, name=name, body=body)
+
+
+def read_secret(kube: Kube, name: str, key: str) -> Secret | None:
+    """One key of a Secret, or None when the Secret or the key is absent."""
+    from kubernetes.client.rest import ApiException
+
+    with api_errors(kube, f"read Secret {name}"):
+        try:
+            found = kube.request("GET", "/api/v1/namespaces/{ns}/secrets/{name}", ns=kube.namespace, name=name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+    value = (found.get("data") or {}).get(key)
+    return Secret(base64.b64decode(value).decode()) if value else None
 
 
 def delete_secret(kube: Kube, name: str) -> bool:

@@ -296,6 +296,12 @@ class Profile:
                               "Service, made and removed with the release) or an http(s) URL (an Ingress of the "
                               "dashboard). The local backend takes `auto` or a URL. `--access` overrides it.",
                       "service-proxy")
+    auth: Literal["token", "none"] = opt(
+        "token", "Ray's token authentication of the head (Ray >= 2.52): `token` makes a random token per cluster "
+                 "(kuberay: in Secret `<name>-hpcray-ray-token`, read by the pods as RAY_AUTH_TOKEN; local: a 0600 "
+                 "file beside the head's state) and hpcray sends it with every Jobs API call; a request without it "
+                 "gets 401. With an older Ray (image.ray_version, or the local client's) hpcray warns and runs "
+                 "without. `none`: no token; anyone who reaches the dashboard can run code on the cluster.")
     ttl: str | None = opt(None, "Default lifetime of a cluster; `hpcray gc` removes expired ones.", "6h")
     timeout: str = opt("2h", "How long `up` waits for the cluster to be ready (HPC queues are slow).", "30m")
 

@@ -84,6 +84,41 @@ def mlflow_env(p: Profile) -> list[dict[str, Any]]:
     return env
 
 
+TOKEN_KEY = "token"
+
+
+def token_secret_name(cluster: str) -> str:
+    """The Kubernetes Secret that holds a KubeRay cluster's Ray token (made by `up`, removed by `down`)."""
+    return f"{cluster}-hpcray-ray-token"
+
+
+def token_auth(p: Profile) -> bool:
+    """Whether the cluster's pods run with Ray's token authentication: asked for, and the image's Ray has it (an
+    image whose Ray version the profile does not say is taken to have it: an older Ray ignores the variables)."""
+    from hpcray.jobs.api import has_token_auth
+
+    return p.auth == "token" and (not p.image.ray_version or has_token_auth(p.image.ray_version))
+
+
+def auth_warnings(p: Profile) -> list[str]:
+    """Token authentication asked for where the image's Ray lacks it."""
+    if p.auth == "token" and not token_auth(p):
+        return [f"image.ray_version {p.image.ray_version} has no token authentication (Ray >= 2.52): the head's "
+                "dashboard will take jobs from anyone who reaches it; use an image with Ray >= 2.52, or set auth: "
+                "none to silence this"]
+    return []
+
+
+def auth_env(p: Profile) -> list[dict[str, Any]]:
+    """RAY_AUTH_MODE=token and the token by reference to its Secret (never the value); none without token auth.
+    KubeRay copies the Ray container's env into the workers' `wait-gcs-ready` init container, whose `ray
+    health-check` needs the token too."""
+    if not token_auth(p):
+        return []
+    ref = {"secretKeyRef": {"name": token_secret_name(p.name), "key": TOKEN_KEY}}
+    return [{"name": "RAY_AUTH_MODE", "value": "token"}, {"name": "RAY_AUTH_TOKEN", "valueFrom": ref}]
+
+
 def credentials_volume(p: Profile) -> tuple[dict[str, Any], dict[str, Any], str] | None:
     """With the credential plan's Secret read as a file: the Secret volume (mode 0400), its mount, and the shell
     line the Ray container runs before `ray start` (KubeRay runs the container's command, then `&& ray start`) to
@@ -123,7 +158,7 @@ def group_values(p: Profile, g: HeadSpec, role: str, name: str = "headgroup") ->
     annotations: dict[str, str] = {}
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
-    env = mlflow_env(p)
+    env = mlflow_env(p) + auth_env(p)
     if il.enabled:
         annotations["slurm-job.vk.io/flags"] = slurm_flags(p, g)
         options = singularity_options(p, g)
@@ -343,7 +378,7 @@ def check_release(p: Profile, values_yaml: str, *, required: bool, warn: Any) ->
 
     from hpcray import targets
 
-    for warning in network_warnings(p):
+    for warning in network_warnings(p) + auth_warnings(p):
         warn(f"hpcray: warning: {warning}")
     chart = targets.chart(p)
     try:

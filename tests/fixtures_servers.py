@@ -30,8 +30,10 @@ START_TIMEOUT_S = 180.0  # measured ~8 s (Ray) and ~15 s (MLflow) on an idle 2-c
 def local_profile(name: str, *, mlflow_server: bool = False, num_cpus: int | None = 1, dashboard_port: int = 0,
                   tracking_uri: str | None = None,
                   credentials: Literal["env", "file", "stdin", "none"] = "none") -> Profile:
-    """A local profile, as load_profile makes it from YAML (without the default sqlite store: no tracking_uri)."""
-    return Profile(name=name, backend="local", source=Path(f"{name}.yaml").resolve(),
+    """A local profile, as load_profile makes it from YAML (without the default sqlite store: no tracking_uri), but
+    without Ray's token authentication: tests reach these heads by address with Ray's own clients, as a Ray of the
+    user's own (test_auth.py covers the token)."""
+    return Profile(name=name, backend="local", source=Path(f"{name}.yaml").resolve(), auth="none",
                    local=LocalSpec(num_cpus=num_cpus, mlflow_server=mlflow_server, dashboard_port=dashboard_port),
                    mlflow=MlflowSpec(tracking_uri=tracking_uri, credentials=credentials))
 

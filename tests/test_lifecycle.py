@@ -328,8 +328,9 @@ def test_ctrl_c_during_up_keeps_or_removes_the_release_as_asked(helm4: str, api:
     removed.send_signal(signal.SIGINT)
     _, err = removed.communicate(timeout=30)
     assert removed.returncode == 130, err
-    assert "the release and its Secret were removed (--down-on-failure)" in err
+    assert "the release and its Secrets were removed (--down-on-failure)" in err
     assert helm_releases(api, "lc") == {} and api.get("secrets", "lc-hpcray-mlflow") is None
+    assert api.get("secrets", "lc-hpcray-ray-token") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,8 +405,9 @@ def test_gc_removes_only_expired_hpcray_releases(helm4: str, api: FakeKubeAPI, t
     gc = hpcray("gc", "-p", profile)
     assert gc.returncode == 0, gc.stderr
     assert "uninstalled expired release old in namespace default" in gc.stderr and "removed 1" in gc.stdout
-    assert helm_releases(api, "old") == {}
+    assert helm_releases(api, "old") == {} and api.get("secrets", "old-hpcray-ray-token") is None
     assert all(helm_releases(api, n) for n in ("young", "forever", "other"))
+    assert api.get("secrets", "young-hpcray-ray-token") is not None
 
 
 def test_dry_run_prints_helm_command_and_values_and_touches_nothing(helm_bin: str, api: FakeKubeAPI,
@@ -433,7 +435,7 @@ def test_a_local_tracking_store_takes_no_credentials_secret(helm4: str, api: Fak
     profile = write_profile(tmp_path, api, workers=0, tracking_uri=uri)  # credentials: env, both exported
     dry = hpcray("up", "-p", str(profile), "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "Secret" not in dry.stdout and "secretKeyRef" not in dry.stdout
+    assert "lc-hpcray-mlflow" not in dry.stdout  # no credentials Secret, and no pod reads one
     assert "MLFLOW_TRACKING_PASSWORD" not in dry.stdout
     done = hpcray("up", "-p", str(profile))
     assert done.returncode == 0, done.stderr

@@ -97,8 +97,9 @@ def admin(server: Any, method: str, path: str, body: dict[str, Any] | None = Non
         return dict(json.load(response))
 
 
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
+def get(url: str, token: Path) -> str:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.read_text()}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return str(response.read().decode())
 
 
@@ -147,10 +148,12 @@ def test_the_password_reaches_the_job_and_nothing_else(mlflow_server: Any, tmp_p
         assert hpcray("job-status", job_id).stdout.startswith(f"job {job_id}: SUCCEEDED")
         assert run_id in hpcray("logs", job_id).stdout
 
-        served = [get(f"{address}/api/jobs/"), get(f"{address}/api/jobs/{job_id}")]
+        [token] = (tmp_path / "state").glob("*/ray-token")  # the head runs with Ray's token authentication
+        served = [get(f"{address}/api/jobs/", token), get(f"{address}/api/jobs/{job_id}", token)]
         assert job_id in served[0] and json.loads(served[1])["status"] == "SUCCEEDED"
         ray_list = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                                  text=True, env={**os.environ, **QUIET_ENV}, timeout=120)
+                                  text=True, env={**os.environ, **QUIET_ENV, "RAY_AUTH_MODE": "token",
+                                                  "RAY_AUTH_TOKEN_PATH": str(token)}, timeout=120)
         assert ray_list.returncode == 0 and job_id in ray_list.stdout, ray_list.stderr
         leaked_files = files_containing(password.encode(), tmp_path) + files_containing(password.encode(), ray_temp)
         assert list(ray_temp.rglob("*.log")), "Ray's logs were scanned"  # the head's temp dir, before `down` removes it

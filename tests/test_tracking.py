@@ -85,7 +85,8 @@ def profile_file(directory: Path, name: str, mlflow: dict[str, Any]) -> Path:
     (directory / "wd" / "log_metric.py").write_text(JOB_SCRIPT)
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
-        "name": name, "backend": "local", "local": {"num_cpus": 1},
+        # auth none: these tests read the head's Jobs API with Ray's own clients (test_auth.py covers the token)
+        "name": name, "backend": "local", "local": {"num_cpus": 1}, "auth": "none",
         "mlflow": {"credentials": "env", **mlflow},
         "jobs": {"train": {"entrypoint": "python log_metric.py", "working_dir": "wd"}}}))
     return path

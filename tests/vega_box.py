@@ -122,6 +122,7 @@ class Summary:
     jobs: dict[str, str] = field(default_factory=dict)
     slurm_jobs: dict[str, str] = field(default_factory=dict)  # id → "state (what)"
     landings: list[Landing] = field(default_factory=list)
+    token_landings: list[Landing] = field(default_factory=list)  # the cluster's Ray token (auth: token)
     leftovers: dict[str, list[str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
@@ -201,6 +202,13 @@ def _processes_holding(password: str, servers: set[int]) -> list[str]:
         except (OSError, ProcessLookupError):
             continue
     return out
+
+
+def _ray_token(box: SiteBox) -> str | None:
+    """The cluster's Ray token, from the Secret `up` made (None without token authentication)."""
+    assert box.api is not None and box.info is not None
+    secret = box.api.get("secrets", f"{NAME}-hpcray-ray-token", box.info.namespace)
+    return base64.b64decode(secret["data"]["token"]).decode() if secret else None
 
 
 def _servers(box: SiteBox) -> set[int]:
@@ -283,7 +291,7 @@ def run(work: Path, deliver: str, shared_fs: bool, up_only: bool) -> Summary:
         charts = os.environ.get("HPCRAY_CHARTS_DIR") or str(REPO.parent / "shared" / "charts")
         if Path(charts).is_dir():
             env["HPCRAY_CHARTS_DIR"] = charts
-        pull_job, jobs = None, {}
+        pull_job, jobs, token = None, {}, None
         try:
             pulled = _phase(summary, "pull", env, "pull", "-p", str(profile), "--slurm", "--json")
             if pulled.returncode == 0:
@@ -298,10 +306,14 @@ def run(work: Path, deliver: str, shared_fs: bool, up_only: bool) -> Summary:
                         if summary.jobs[job] != "SUCCEEDED":
                             summary.failures.append(f"job {job} is {summary.jobs[job]}")
             jobs = _slurm_jobs(box, pull_job)
-            summary.landings = (
-                scan_files([Path(info.data_root), Path(info.plugin_log), Path(info.singularity_log), box.slurm.root,
-                            image_dir], password)
-                + scan_slurm(list(jobs), password, env) + scan_processes(password, _servers(box)))
+            hpc_side = [Path(info.data_root), Path(info.plugin_log), Path(info.singularity_log), box.slurm.root,
+                        image_dir]
+            summary.landings = (scan_files(hpc_side, password) + scan_slurm(list(jobs), password, env)
+                                + scan_processes(password, _servers(box)))
+            token = _ray_token(box)
+            if token:
+                summary.token_landings = (scan_files(hpc_side, token) + scan_slurm(list(jobs), token, env)
+                                          + scan_processes(token, _servers(box)))
         finally:
             jobs = jobs or _slurm_jobs(box, pull_job)
             _phase(summary, "down", env, "down", "-p", str(profile))
@@ -313,8 +325,10 @@ def run(work: Path, deliver: str, shared_fs: bool, up_only: bool) -> Summary:
                 time.sleep(2)
             summary.slurm_jobs = _final_states(jobs or _slurm_jobs(box, pull_job), env)
         user_side = scan_files([home, work / f"{NAME}.yaml"], password)
+        if token:
+            user_side += scan_files([home, work / f"{NAME}.yaml"], token)
         if user_side:
-            summary.failures.append("the password landed on the user's side: "
+            summary.failures.append("the password or the Ray token landed on the user's side: "
                                     + ", ".join(lnd.line() for lnd in user_side))
     return summary
 
@@ -327,6 +341,8 @@ def report(s: Summary) -> str:
              "SLURM jobs: " + ", ".join(f"{k} {v}" for k, v in s.slurm_jobs.items()),
              f"the MLflow password on the HPC side ({len(s.landings)} places):"]
     lines += [f"  {lnd.line()}" for lnd in s.landings] or ["  nowhere"]
+    lines.append(f"the Ray token on the HPC side ({len(s.token_landings)} places):")
+    lines += [f"  {lnd.line()}" for lnd in s.token_landings] or ["  nowhere"]
     lines.append("left after down: " + "; ".join(
         f"{k}: {', '.join(v) if v else 'none'}" for k, v in s.leftovers.items()))
     lines += [f"FAILED: {f}" for f in s.failures]

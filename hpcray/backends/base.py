@@ -133,8 +133,9 @@ class Backend(Protocol):
     def access(self, progress: Progress, mode: str = "auto") -> ContextManager[Endpoint]:
         """The Jobs API (dashboard) of a cluster that is up, valid while the with-block runs, reached the way
         ``mode`` says (the profile's `access` values: auto, port-forward, service-proxy, or a URL): the backend opens
-        whatever the way there needs (a port-forward to the head pod) and closes it afterwards. ClusterError if the
-        cluster is not up, AccessRefused if ``mode`` cannot work for it."""
+        whatever the way there needs (a port-forward to the head pod) and closes it afterwards. The endpoint carries
+        the cluster's Ray token where its head runs with token authentication. ClusterError if the cluster is not
+        up, AccessRefused if ``mode`` cannot work for it."""
         ...
 
     def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None],

@@ -9,7 +9,7 @@ from typing import Any
 from hpcray import helm, kube
 from hpcray.backends.base import ClusterStatus, Progress
 from hpcray.backends.kuberay import expected_workers, expiry, node_status, release_status, states_ready
-from hpcray.render import PROFILE_LABEL
+from hpcray.render import PROFILE_LABEL, token_secret_name
 from hpcray.tracking import secret_name
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"  # the chart labels the RayCluster with its release
@@ -67,7 +67,9 @@ def gc(where: kube.Target, *, dry_run: bool, progress: Progress, now: float | No
     for e in expired:
         there = replace(where, namespace=e.namespace)
         helm.uninstall(h, helm.Release(e.name, there))
-        kube.delete_secret(kube.connect(there, check_namespace=False), secret_name(e.name))
+        k = kube.connect(there, check_namespace=False)
+        for name in (secret_name(e.name), token_secret_name(e.name)):
+            kube.delete_secret(k, name)
         progress(f"uninstalled expired release {e.name} in namespace {e.namespace} (expired "
                  f"{kube.format_time(e.expired_at)})")
     return expired

@@ -1,6 +1,6 @@
 """A Ray cluster as a KubeRay release: helm installs it, hpcray.kube watches its pods until they are Ready.
 
-Ctrl-C during `up` stops waiting at once. With --down-on-failure the release and its Secret are removed; otherwise
+Ctrl-C during `up` stops waiting at once. With --down-on-failure the release and its Secrets are removed; otherwise
 they are left (the pods keep starting) and the message says `hpcray down -p PROFILE` removes them. Either way the
 command exits 130. A helm killed mid-install leaves a pending release that the next `up` rolls back or uninstalls.
 
@@ -36,7 +36,7 @@ from hpcray.errors import AccessRefused, ClusterError, ClusterNotReady, Credenti
 from hpcray.http import Endpoint
 from hpcray.images import sif_known_missing
 from hpcray.profile import Profile, profile_ref
-from hpcray.render import PROFILE_LABEL
+from hpcray.render import PROFILE_LABEL, TOKEN_KEY, token_auth, token_secret_name
 from hpcray.secrets import Secret
 from hpcray.state import locked, state_dir, write_atomic
 from hpcray.tracking import PASSWORD_VAR, SECRET_KEYS, USERNAME_VAR, Credentials, credential_plan, secret_name
@@ -63,6 +63,7 @@ class _Install:
     expected_workers: int
     expires_at: float | None
     secret: dict[str, Secret | str] | None
+    token_auth: bool  # the pods read Ray's token from the token Secret
 
 
 class KubeRayBackend:
@@ -72,6 +73,7 @@ class KubeRayBackend:
         self.release = targets.release(profile)
         self.namespace = profile.kubernetes.namespace
         self.secret = secret_name(profile.name)
+        self.token_secret = token_secret_name(profile.name)
         self.selector = f"{kube.CLUSTER_LABEL}={profile.raycluster_name}"
         self.head_selector = f"{self.selector},{kube.HEAD_LABEL}=head"
         self.service = f"{profile.raycluster_name}-head-svc"
@@ -93,6 +95,10 @@ class KubeRayBackend:
         if install.secret is not None:
             shown = ", ".join(f"{k}={v}" for k, v in install.secret.items())  # a Secret formats as ******
             steps.append(Step(f"create or replace Secret {self.secret} in namespace {self.namespace}: {shown}"))
+        if install.token_auth:
+            steps.append(Step(f"create Secret {self.token_secret} in namespace {self.namespace} with a new random Ray "
+                              f"token ({TOKEN_KEY}: ******), or keep the one it holds; the pods read it as "
+                              "RAY_AUTH_TOKEN with RAY_AUTH_MODE=token"))
         steps.append(Step("run, with the values on stdin:", argv=[install.helm.path, *self._install_args(install)],
                           stdin=install.values_yaml))
         steps.append(Step(f"wait until the head and {install.expected_workers} worker pod(s) ({self.selector}) in "
@@ -117,7 +123,8 @@ class KubeRayBackend:
             labels[EXPIRES] = str(int(expires_at))
         h = helm.find_helm()
         return _Install(h, helm.resolve_chart(h, targets.chart(self.p)), labels, values_yaml,
-                        expected_workers(checked.raycluster), expires_at, self._secret_data(credentials))
+                        expected_workers(checked.raycluster), expires_at, self._secret_data(credentials),
+                        token_auth(self.p))
 
     def _install_args(self, install: _Install) -> list[str]:
         return helm.upgrade_install_args(install.helm, self.release, install.chart, install.labels, HELM_TIMEOUT_S)
@@ -223,6 +230,13 @@ class KubeRayBackend:
             install.labels[EXPIRES] = "null"
         if install.secret is not None:
             kube.apply_secret(k, self.secret, install.secret, {helm.MANAGED_LABEL: "true", PROFILE_LABEL: self.name})
+        if install.token_auth and kube.read_secret(k, self.token_secret, TOKEN_KEY) is None:
+            # once per cluster: an upgrade or a second `up` keeps the token the running Ray processes know
+            from hpcray.jobs.api import new_token
+
+            kube.apply_secret(k, self.token_secret, {TOKEN_KEY: new_token()},
+                              {helm.MANAGED_LABEL: "true", PROFILE_LABEL: self.name})
+            progress(f"created Secret {self.token_secret} with the cluster's Ray token")
         release = helm.upgrade_install(install.helm, self.release, self._install_args(install), install.values_yaml,
                                        HELM_TIMEOUT_S)
         verb = "installed" if release.revision == 1 else "upgraded"
@@ -237,9 +251,10 @@ class KubeRayBackend:
         try:
             helm.uninstall(h, self.release)
             kube.delete_secret(k, self.secret)
+            kube.delete_secret(k, self.token_secret)
         except HpcrayError as exc:
             return f"removing the release failed ({exc}); run `hpcray down -p {self.ref}` once the cluster answers"
-        return "the release and its Secret were removed (--down-on-failure)"
+        return "the release and its Secrets were removed (--down-on-failure)"
 
     def _diagnose(self, k: kube.Kube, watch: kube.PodWatch, expected_workers: int) -> str:
         states = [kube.pod_state(p) for p in watch.pods.values()]
@@ -321,20 +336,33 @@ class KubeRayBackend:
         relay pod, closed when the block ends; `auto`: a live `hpcray dashboard` of this cluster, else the
         port-forward where the head pod's node has a real kubelet and the service proxy where it is an interLink
         virtual node. A port-forward to a pod on a virtual node is refused at once (AccessRefused), not retried."""
-        if _is_url(mode):
-            yield Endpoint(mode.rstrip("/"))
-            return
+        from hpcray.jobs.api import with_token
+
         forwarded = self._forwarded() if mode == "auto" else None
-        if forwarded is not None:
-            yield Endpoint(forwarded)
+        if _is_url(mode) or forwarded is not None:
+            token = self._token(kube.connect(self.release.where)) if token_auth(self.p) else None
+            yield with_token(Endpoint(mode.rstrip("/") if _is_url(mode) else str(forwarded)), token)
             return
         k = kube.connect(self.release.where)
         way = self._way(k, mode)
+        token = self._token(k)
         if way == "service-proxy":
-            yield kube.service_proxy(k, self.service, DASHBOARD_PORT)
+            yield with_token(kube.service_proxy(k, self.service, DASHBOARD_PORT), token)
             return
         with self._forward(k, 0, progress, via_relay=way == "relay").serving() as forward:
-            yield Endpoint(forward.url)
+            yield with_token(Endpoint(forward.url), token)
+
+    def _token(self, k: kube.Kube) -> Secret | None:
+        """The cluster's Ray token from its Secret; None where the profile turns token authentication off or the
+        image's Ray lacks it (the pods then run without)."""
+        if not token_auth(self.p):
+            return None
+        token = kube.read_secret(k, self.token_secret, TOKEN_KEY)
+        if token is None:
+            raise ClusterError(f"Secret {self.token_secret} with the Ray token of {self.name} is missing in namespace "
+                               f"{self.namespace}; `hpcray up -p {self.ref}` makes a new one (the pods restart "
+                               "with it)")
+        return token
 
     def _way(self, k: kube.Kube, mode: str) -> str:
         """`port-forward`, `service-proxy` or `relay`: `mode` with `auto` resolved by the Ready head pod's node.
@@ -366,9 +394,16 @@ class KubeRayBackend:
                   access: str = "auto") -> None:
         """A URL: that. Through a port-forward: serve 127.0.0.1:port → the head pod's dashboard until Ctrl-C; job
         commands use it meanwhile. Through the service proxy: a browser lacks the kubeconfig's credentials, so
-        `kubectl proxy` (which adds them) is named with the address it then serves."""
+        `kubectl proxy` (which adds them) is named with the address it then serves. Where the head runs with token
+        authentication, the way to print the token for the dashboard's login page is named with the address."""
+        def ready(url: str) -> None:
+            if token_auth(self.p):
+                progress(f"the dashboard asks for the cluster's Ray token; print it with `kubectl get secret "
+                         f"{self.token_secret} -n {self.namespace} -o jsonpath='{{.data.{TOKEN_KEY}}}' | base64 -d`")
+            on_ready(url)
+
         if _is_url(access):
-            on_ready(access)
+            ready(access)
             return
         k = kube.connect(self.release.where)
         way = self._way(k, access)
@@ -377,14 +412,14 @@ class KubeRayBackend:
             progress(f"the head's dashboard is reached through the Kubernetes API server's service proxy, which "
                      f"needs your kubeconfig's credentials: run `kubectl proxy --port {port or 8001}` and open the "
                      "address below")
-            on_ready(f"http://127.0.0.1:{port or 8001}{path}")
+            ready(f"http://127.0.0.1:{port or 8001}{path}")
             return
         relay = self._forward(k, port, progress, via_relay=way == "relay")
         recorded = self._dashboard_file()
         write_atomic(recorded, json.dumps({"pid": os.getpid(), "port": relay.port, "namespace": self.namespace}))
         try:
             progress(f"forwarding {relay.url} to the head pod's dashboard ({DASHBOARD_PORT}) until Ctrl-C")
-            on_ready(relay.url)
+            ready(relay.url)
             relay.serve_forever()
         except KeyboardInterrupt:
             progress("port-forward stopped")
@@ -460,7 +495,8 @@ class KubeRayBackend:
         h = helm.find_helm()
         return Plan(self.name, "kuberay", [
             Step("run:", argv=[h.path, *helm.uninstall_args(self.release)]),
-            Step(f"delete Secret {self.secret} and the relay pod {self.relay}, if any, in namespace {self.namespace}"),
+            Step(f"delete Secrets {self.secret} and {self.token_secret} and the relay pod {self.relay}, if any, in "
+                 f"namespace {self.namespace}"),
             Step(f"wait until no pod labelled {self.selector} is left in namespace {self.namespace}")])
 
     def down(self, *, progress: Progress, timeout: float = 300.0) -> bool:
@@ -470,8 +506,9 @@ class KubeRayBackend:
             removed = helm.uninstall(h, self.release)
             progress(f"uninstalled release {self.name} from namespace {k.namespace}" if removed else
                      f"no release {self.name} in namespace {k.namespace}; nothing to uninstall")
-            if kube.delete_secret(k, self.secret):
-                progress(f"deleted Secret {self.secret}")
+            for name in (self.secret, self.token_secret):
+                if kube.delete_secret(k, name):
+                    progress(f"deleted Secret {name}")
             if kube.delete_pod(k, self.relay):  # its owner, the RayCluster, takes it too: this is sooner
                 progress(f"deleted relay pod {self.relay}")
             watch = kube.PodWatch(k, self.selector, progress)

@@ -36,6 +36,8 @@ from hpcray.tracking import PASSWORD_VAR, USERNAME_VAR, Credentials, credential_
 from hpcray.waiting import Deadline, in_background, poll_until
 
 STATE_FILE = "local.json"
+TOKEN_FILE = "ray-token"
+"""The head's Ray token (0600, beside local.json): the head reads it through RAY_AUTH_TOKEN_PATH, hpcray sends it."""
 MARKER_VAR = "HPCRAY_LOCAL_CLUSTER"
 """Set to the head's temp dir in the environment of the head, and so of every process it starts."""
 
@@ -116,6 +118,9 @@ class LocalBackend:
         if env:
             shown = ", ".join(f"{k}={v}" for k, v in env.items())
             steps.append(Step(f"put {shown} in the head's environment, which every job inherits"))
+        if self._auth(warn):
+            steps.append(Step(f"write a new random Ray token to {self.dir / TOKEN_FILE} (0600) and start the head with "
+                              "RAY_AUTH_MODE=token: hpcray sends the token, a request without it gets 401"))
         steps.append(Step("wait until the dashboard, the Jobs API and the job agent answer"
                           + (" and MLflow is healthy" if local.mlflow_server else "")))
         return Plan(self.name, "local", steps, time.time() + ttl_s if ttl_s else None)
@@ -129,6 +134,7 @@ class LocalBackend:
         _check_access(access)
         deadline = Deadline(timeout)
         env = self._head_env(credentials)
+        auth = self._auth(progress)
         with locked(self.dir / "lifecycle.lock", f"`hpcray up` of {self.name}", progress):
             st = self._load()
             if st and _running(st.pid):
@@ -139,7 +145,7 @@ class LocalBackend:
                 progress(f"cleaning up what is left of a previous local cluster '{self.name}'")
                 self._stop(st, progress, deadline)
             try:
-                st = self._start(env, ttl_s, progress)
+                st = self._start(env, auth, ttl_s, progress)
                 # MLflow's import overlaps the head's start. A daemon thread, not a pool: an interrupted `up` must
                 # go straight to the teardown below, never wait on (or, at exit, join) a store still being made.
                 store = in_background("hpcray-mlflow-store", self._prepare_store)
@@ -163,6 +169,39 @@ class LocalBackend:
                 raise
         return self.status()
 
+    def _auth(self, warn: Progress) -> bool:
+        """Whether the head runs with Ray's token authentication: the profile asks for it and this Ray has it."""
+        from hpcray.jobs.api import client_ray_version, has_token_auth
+
+        if self.p.auth != "token":
+            return False
+        version = client_ray_version()
+        if version and not has_token_auth(version):
+            warn(f"hpcray: warning: Ray {version} here has no token authentication (Ray >= 2.52): the local head's "
+                 "dashboard takes jobs from any local user; upgrade Ray, or set auth: none to silence this")
+            return False
+        return True
+
+    def _token(self) -> Secret | None:
+        """The running head's Ray token; None when it runs without token authentication."""
+        try:
+            token = (self.dir / TOKEN_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return Secret(token) if token else None
+
+    def _endpoint(self, base: str) -> http.Endpoint:
+        from hpcray.jobs.api import with_token
+
+        return with_token(http.Endpoint(base), self._token())
+
+    def _answers(self, st: HeadState, path: str) -> bool:
+        """A health check of the head's dashboard, with its token: GET `path` answers 200."""
+        try:
+            return http.request(self._endpoint(st.dashboard), "GET", path, timeout=2.0).status == 200
+        except http.Unreachable:
+            return False
+
     def _head_env(self, credentials: Credentials | None) -> dict[str, Secret | str]:
         """The credentials, where the credential plan puts them in the head's environment."""
         if self.credentials.where != "head_env":
@@ -185,14 +224,17 @@ class LocalBackend:
     def access(self, progress: Progress, mode: str = "auto") -> Iterator[http.Endpoint]:
         """The head's own dashboard (it listens on this machine already), or the URL `mode` gives."""
         _check_access(mode)
-        yield http.Endpoint(mode.rstrip("/") if mode != "auto" else self.address())
+        yield self._endpoint(mode.rstrip("/") if mode != "auto" else self.address())
 
     def dashboard(self, *, port: int, progress: Progress, on_ready: Callable[[str], None],
                   access: str = "auto") -> None:
         """The head's dashboard listens on this machine already (on local.dashboard_port, or the port chosen at
         `up`): nothing to forward, whatever ``port`` asks for."""
         _check_access(access)
-        on_ready(access if access != "auto" else self.address())
+        address = access if access != "auto" else self.address()
+        if self._token() is not None:
+            progress(f"the dashboard asks for the cluster's Ray token; it is in {self.dir / TOKEN_FILE} (`cat` it)")
+        on_ready(address)
 
     def address(self) -> str:
         st = self._load()
@@ -214,10 +256,10 @@ class LocalBackend:
             return ClusterStatus(name=self.name, backend="local", exists=False, ready=False,
                                  tracking_uri=self.tracking_uri())
         alive = _running(st.pid)
-        ready = alive and http.ok(st.dashboard + "/api/version")
+        ready = alive and self._answers(st, "/api/version")
         phase = "Ready" if ready else "Running" if alive else "Failed"
         reason = "" if alive else f"the head process {st.pid} is gone; see {self.dir / 'head.log'}"
-        gpus = st.num_gpus if st.num_gpus is not None else (_detected_gpus(st) if ready else 0)
+        gpus = st.num_gpus if st.num_gpus is not None else _detected_gpus(self._endpoint(st.dashboard)) if ready else 0
         head = NodeStatus(name=f"{self.name}-head", role="head", phase=phase, reason=reason,
                           age_s=time.time() - st.started_at, gpus=gpus, created_at=st.started_at,
                           started_at=st.started_at)  # no queue on this machine
@@ -251,9 +293,16 @@ class LocalBackend:
 
     # -- start ----------------------------------------------------------------------------------------------------
 
-    def _start(self, env: dict[str, Secret | str], ttl_s: float | None, progress: Progress) -> HeadState:
+    def _start(self, env: dict[str, Secret | str], auth: bool, ttl_s: float | None, progress: Progress) -> HeadState:
         local = self.p.local
         temp_dir = self.temp_dir
+        if auth:  # a new token per head; Ray reads it from the file, so it is in no process's environment
+            from hpcray.jobs.api import new_token
+
+            write_atomic(self.dir / TOKEN_FILE, new_token().reveal())
+            env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.dir / TOKEN_FILE)}
+        else:
+            (self.dir / TOKEN_FILE).unlink(missing_ok=True)
         child_env = _child_env(temp_dir, env)
         # Held until both children have exec'd: their command lines then name the ports for the next chooser.
         with locked(state_root() / "local-ports.lock", f"`hpcray up` of {self.name} (choosing its ports)"):
@@ -287,8 +336,8 @@ class LocalBackend:
         """Until the dashboard answers, the Jobs API lists jobs, the job agent listens and MLflow is healthy."""
         t0 = time.monotonic()
         agent = st.ports["dashboard-agent-listen-port"]
-        pending = [("Ray dashboard answers", lambda: http.ok(st.dashboard + "/api/version")),
-                   ("Jobs API answers", lambda: http.ok(st.dashboard + "/api/jobs/")),
+        pending = [("Ray dashboard answers", lambda: self._answers(st, "/api/version")),
+                   ("Jobs API answers", lambda: self._answers(st, "/api/jobs/")),
                    ("job agent listens", lambda: _listening(agent))]
         if st.mlflow_pid:
             pending.append((f"MLflow server healthy at {st.mlflow_uri}", lambda: http.ok(f"{st.mlflow_uri}/health")))
@@ -336,6 +385,7 @@ class LocalBackend:
         if left:
             raise ClusterError(f"could not stop processes {left} of local cluster '{self.name}'; kill them by PID")
         shutil.rmtree(temp_dir, ignore_errors=True)
+        (self.dir / TOKEN_FILE).unlink(missing_ok=True)
         (self.dir / STATE_FILE).unlink(missing_ok=True)
         progress(f"local cluster '{self.name}' stopped after {time.monotonic() - t0:.1f} s")
 
@@ -416,7 +466,8 @@ def _wait_gone(temp_dir: str, leaders: list[int], timeout: float) -> list[int]:
 
 def _child_env(temp_dir: str, extra: dict[str, Secret | str]) -> dict[str, str]:
     bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ)
+    # a token of the user's environment would win over the head's own (RAY_AUTH_TOKEN comes first in Ray's lookup)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(QUIET_ENV)
     env.update({
         # Job entrypoints run through a shell with the head's PATH: `python` must be this venv's.
@@ -424,7 +475,7 @@ def _child_env(temp_dir: str, extra: dict[str, Secret | str]) -> dict[str, str]:
         # Else Ray replaces 127.0.0.1 with the machine's routable address and binds the GCS on every interface.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         # Ray turns token auth on when ~/.ray/auth_token exists and clients without RAY_AUTH_MODE then get 401:
-        # be the same on every machine.
+        # be the same on every machine (`extra` turns it on, with the head's own token).
         "RAY_AUTH_MODE": "disabled",
         # A local head has nothing to drain; Ray's default waits up to 30 s on SIGTERM.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -536,10 +587,10 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _detected_gpus(st: HeadState) -> int:
+def _detected_gpus(dashboard: http.Endpoint) -> int:
     """The GPUs Ray detected on the head (the state API's node resources), 0 if it cannot say."""
     try:
-        nodes = http.request(st.dashboard, "GET", "/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
+        nodes = http.request(dashboard, "GET", "/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
         return int(sum(node.get("resources_total", {}).get("GPU", 0) for node in nodes))
     except (http.Unreachable, ValueError, KeyError, TypeError):
         return 0

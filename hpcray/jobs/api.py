@@ -58,6 +58,34 @@ def ray_token() -> Secret | None:
     return Secret(token) if token else None
 
 
+TOKEN_AUTH_SINCE = (2, 52)
+"""The first Ray release with token authentication (RAY_AUTH_MODE=token); older Rays ignore its variables."""
+TOKEN_HEADER = "X-Ray-Authorization"
+
+
+def has_token_auth(ray_version: str) -> bool:
+    """Whether this Ray version knows token authentication (a version hpcray cannot read is taken to know it)."""
+    parts = [int(x) for x in re.findall(r"\d+", ray_version)[:2]]
+    return len(parts) < 2 or (parts[0], parts[1]) >= TOKEN_AUTH_SINCE
+
+
+def new_token() -> Secret:
+    """A token for a new cluster: 256 random bits, URL-safe (Ray compares it byte for byte)."""
+    import secrets
+
+    return Secret(secrets.token_urlsafe(32))
+
+
+def with_token(endpoint: http.Endpoint, token: Secret | None) -> http.Endpoint:
+    """The endpoint carrying a cluster's own Ray token, in X-Ray-Authorization: Ray reads it there when no
+    Authorization header is sent, and a proxy in front of it (the Kubernetes API server, which keeps Authorization
+    for its own credentials and strips it) passes it on."""
+    if token is None:
+        return endpoint
+    bearer = Secret(f"Bearer {token.reveal()}")
+    return dataclasses.replace(endpoint, headers={**endpoint.headers, TOKEN_HEADER: bearer})
+
+
 def normalize_address(address: str) -> str:
     address = address.strip().rstrip("/")
     if "://" not in address:
@@ -84,8 +112,10 @@ class JobsApi:
     def __init__(self, where: http.Endpoint | str, token: Secret | None = None) -> None:
         endpoint = (dataclasses.replace(where, base=where.base.rstrip("/")) if isinstance(where, http.Endpoint)
                     else http.Endpoint(normalize_address(where)))
-        token = token if token is not None else ray_token()
         self._proxied = any(name.lower() == "authorization" for name in endpoint.headers)
+        # A backend hands over its cluster's own token with the endpoint (with_token); else Ray's places for one.
+        self._carried = any(name.lower() == TOKEN_HEADER.lower() for name in endpoint.headers)
+        token = None if self._carried else token if token is not None else ray_token()
         if token:
             # Ray reads its token from Authorization, else from X-Ray-Authorization: the one a proxy in front of it
             # leaves alone when Authorization carries the proxy's own credentials (the Kubernetes API server's).
@@ -103,12 +133,17 @@ class JobsApi:
         except http.Unreachable as exc:
             raise ClusterError(f"cannot reach the Ray Jobs API at {self.address}: {exc.reason}; is the cluster up "
                                f"(`hpcray status`), or is --address wrong?") from None
+        if response.status in (401, 403) and self._carried and not self._proxied:
+            raise JobsApiRefused(f"the Ray cluster at {self.address} refused the token hpcray keeps for it "
+                                 f"({response.status}: {reason(response.text)}); was it re-created outside hpcray? "
+                                 f"`hpcray down` and `hpcray up` give it a new one")
         if response.status in (401, 403):
+            where = ("(hpcray sent the one it keeps for the cluster)" if self._carried else
+                     "in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
             fix = ("check the credentials for the proxy in front of it (the kubeconfig's user) and, if Ray uses token "
                    "authentication, its token" if self._proxied else "it uses token authentication: put its token")
             raise JobsApiRefused(f"the Ray cluster at {self.address} refused us ({response.status}: "
-                                 f"{reason(response.text)}); {fix} in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
-                                 f"RAY_AUTH_TOKEN")
+                                 f"{reason(response.text)}); {fix} {where}")
         return response
 
     def _json(self, method: str, path: str, job_id: str | None = None, **kwargs: Any) -> Any:
