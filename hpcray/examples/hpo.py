@@ -53,8 +53,10 @@ def main() -> None:
             param_space=space,
             # one trial after another in the same worker: no worker start-up per trial
             tune_config=tune.TuneConfig(num_samples=args.trials, metric="val_loss", mode="min", reuse_actors=True),
+            # hpcray gives each job a results directory on the head (HPCRAY_RESULTS_DIR) and archives it at `down`
             run_config=tune.RunConfig(callbacks=[callback], verbose=0,
-                                      storage_path=os.path.abspath("tune-results")),
+                                      storage_path=os.environ.get("HPCRAY_RESULTS_DIR")
+                                      or os.path.abspath("tune-results")),
         )
         best = tuner.fit().get_best_result()
         best_config = {k: best.config[k] for k in ("lr", "hidden", "batch")}
