@@ -123,7 +123,7 @@ def describe(cluster: str, tracking: Tracking | None, timeout_s: float) -> str:
     return (f"archive every job on the cluster first: its log, its details (secret-looking env vars redacted) and "
             f"its results directory ({RESULTS_VAR}, up to {RESULTS_CAP // 2**20} MiB, packed on the head by a small "
             f"archive job), {where}; logs are kept in {archive_dir() / cluster} for `hpcray logs`; at most "
-            f"{timeout_s:.0f} s (archive_timeout), then a warning and the teardown goes on")
+            f"{timeout_s:g} s (archive_timeout), then a warning and the teardown goes on")
 
 
 def archive(open_api: Callable[[], ContextManager[JobsApi]], *, cluster: str, tracking: Tracking | None,
@@ -145,7 +145,7 @@ def archive(open_api: Callable[[], ContextManager[JobsApi]], *, cluster: str, tr
     worker.start()
     worker.join(timeout_s)
     if not outcome:
-        say(f"hpcray: warning: archiving the jobs of '{cluster}' did not finish within {timeout_s:.0f} s "
+        say(f"hpcray: warning: archiving the jobs of '{cluster}' did not finish within {timeout_s:g} s "
             f"(archive_timeout); tearing down anyway: what was not saved is lost")
         return False
     if outcome[0] is not None:
