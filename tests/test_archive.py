@@ -16,6 +16,10 @@ import pytest
 import yaml
 
 from hpcray.archive import RESULTS_VAR, archive_dir
+from tests.fake_site_box import SiteBox
+from tests.fixtures_box import site_box  # noqa: F401  (the fixture)
+from tests.hpcray_cli import run as run_cli
+from tests.test_access import box_profile
 from tests.test_run import SLOW_JOB, assert_nothing_left, read_until, start, temp_dir_of
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "hpcray" / "examples"
@@ -172,3 +176,31 @@ def test_ctrl_c_during_run_archives_then_tears_down(tmp_path: Path) -> None:
     assert_nothing_left(tmp_path, temp_dir)
     logs = hpcray(tmp_path, "logs", "--profile", str(prof), sid)
     assert logs.returncode == 0 and "job started" in logs.stdout and "tick" in logs.stdout
+
+
+def test_down_of_a_kuberay_cluster_on_interlink_archives_through_the_jobs_api(
+        site_box: SiteBox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The KubeRay path: a head pod on interLink's virtual node (a SLURM job), reached only through the API server's
+    service proxy (its kubelet refuses port-forward and exec): the results directory still comes back, packed by the
+    archive job on the head."""
+    monkeypatch.setenv("HPCRAY_STATE_DIR", str(tmp_path / "state"))
+    prof = box_profile(site_box, tmp_path, "arch", workers={"cpu": {"replicas": 0, "cpu": "1", "memory": "2G"}},
+                       jobs={"res": {"entrypoint": WRITES_RESULTS}})
+    up = run_cli("up", "-p", str(prof))
+    assert up.returncode == 0, up.stderr
+    try:
+        sub = run_cli("submit", "-p", str(prof), "res")
+        assert sub.returncode == 0, sub.stderr
+        sid = sub.stdout.split("Running entrypoint for job ", 1)[1].split(":", 1)[0]
+        assert "results in /tmp/ray/hpcray-results/res-" in sub.stdout
+    finally:
+        down = run_cli("down", "-p", str(prof))
+    assert down.returncode == 0, down.stderr
+    job = archive_dir() / "arch" / sid
+    assert f"archived job {sid} (SUCCEEDED): log, details, 2 result file(s) → {job}" in down.stderr
+    assert down.stderr.index("archived job") < down.stderr.index("uninstall")
+    assert (job / "results" / "trial_0" / "result.json").is_file()
+    assert site_box.api is not None and not site_box.api.list("pods", labels="ray.io/cluster=arch-kuberay")
+    logs = run_cli("logs", "-p", str(prof), sid)
+    assert logs.returncode == 0 and "results in /tmp/ray/hpcray-results/res-" in logs.stdout, logs.stderr
+    assert "archived before the teardown" in logs.stderr
