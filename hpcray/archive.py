@@ -91,12 +91,10 @@ def _made_job_dir(cluster: str, submission_id: str) -> Path:
     return make_private(job_dir(cluster, submission_id))
 
 
-def find_log(submission_id: str, cluster: str | None = None) -> Path | None:
-    """The archived log of a job: the cluster's first, else any cluster's (ids are unique), the newest."""
+def find_log(submission_id: str) -> Path | None:
+    """The archived log of a job, whichever cluster it ran on (submission ids are unique), the newest."""
     if not re.fullmatch(r"[\w.-]+", submission_id):
         return None
-    if cluster and (found := job_dir(cluster, submission_id) / "logs.txt").is_file():
-        return found
     candidates = sorted(archive_dir().glob(f"*/{submission_id}/logs.txt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 
@@ -127,9 +125,9 @@ def describe(cluster: str, tracking: Tracking | None, timeout_s: float) -> str:
 
 
 def archive(open_api: Callable[[], ContextManager[JobsApi]], *, cluster: str, tracking: Tracking | None,
-            run_id_of: Callable[[str], str | None], timeout_s: float, say: Say) -> bool:
-    """Archive every job on the cluster within `timeout_s`; never raises. False (after a warning line) when it
-    failed or ran out of time: the caller tears down either way."""
+            run_id_of: Callable[[str], str | None], timeout_s: float, say: Say) -> None:
+    """Archive every job on the cluster within `timeout_s`; never raises: a failure, or running out of time, is one
+    warning line, and the caller tears down either way."""
     outcome: list[BaseException | None] = []
 
     def work() -> None:
@@ -147,14 +145,10 @@ def archive(open_api: Callable[[], ContextManager[JobsApi]], *, cluster: str, tr
     if not outcome:
         say(f"hpcray: warning: archiving the jobs of '{cluster}' did not finish within {timeout_s:g} s "
             f"(archive_timeout); tearing down anyway: what was not saved is lost")
-        return False
-    if outcome[0] is not None:
-        exc = outcome[0]
+    elif (exc := outcome[0]) is not None:
         why = str(exc) if isinstance(exc, HpcrayError) else f"{type(exc).__name__}: {exc}"
         say(f"hpcray: warning: archiving the jobs of '{cluster}' failed ({' '.join(why.split())}); tearing down "
             f"anyway")
-        return False
-    return True
 
 
 def _archive(api: JobsApi, cluster: str, tracking: Tracking | None, run_id_of: Callable[[str], str | None],
@@ -245,7 +239,7 @@ def _extract(results: tuple[dict[str, Any], bytes], dest: Path) -> str:
 
 
 def _private_tree(root: Path) -> None:
-    for d, dirnames, names in os.walk(root):
+    for d, _, names in os.walk(root):
         os.chmod(d, 0o700)
         for n in names:
             os.chmod(os.path.join(d, n), 0o600)

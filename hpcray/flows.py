@@ -27,10 +27,11 @@ from hpcray.backends import backend_for
 from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupted
 from hpcray.profile import JobSpec, Profile, profile_ref
 from hpcray.secrets import Secret
-from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight, takes_login
+from hpcray.tracking import CredentialPlan, Credentials, credential_plan, preflight
 from hpcray.waiting import parse_duration
 
 if TYPE_CHECKING:
+    from hpcray.archive import Tracking
     from hpcray.backends.base import Backend, ClusterStatus, Plan
     from hpcray.backends.fleet import Expired
 
@@ -105,8 +106,8 @@ def plan_down(p: Profile, *, archive: bool = True) -> Plan:
         from hpcray.archive import describe
         from hpcray.backends.base import Step
 
-        uri = backend.tracking_uri()
-        plan.steps.insert(0, Step(describe(p.name, _archive_tracking(uri, None), parse_duration(p.archive_timeout))))
+        where = _archive_tracking(backend.tracking_uri(), None)
+        plan.steps.insert(0, Step(describe(p.name, where, parse_duration(p.archive_timeout))))
     return plan
 
 
@@ -115,28 +116,25 @@ def down(p: Profile, *, timeout_s: float, progress: Say, archive: bool = True) -
     the cluster."""
     backend = backend_for(p)
     if archive and backend.status().exists:
-        plan = credential_plan(p)
         try:
-            credentials = plan.load() if takes_login(backend.tracking_uri()) else None
+            tracking = _archive_tracking(backend.tracking_uri(), credential_plan(p).load())
         except CredentialsError as exc:
             progress(f"hpcray: warning: {exc}; archiving to this machine instead of MLflow")
-            _archive(p, backend, lambda: jobs_api(p, None, progress), None, progress, to_mlflow=False)
-        else:
-            _archive(p, backend, lambda: jobs_api(p, None, progress), credentials, progress)
+            tracking = None
+        _archive(p, lambda: jobs_api(p, None, progress), tracking, progress)
     return backend.down(progress=progress, timeout=timeout_s)
 
 
-def _archive_tracking(uri: str | None, credentials: Credentials | None) -> Any:
+def _archive_tracking(uri: str | None, credentials: Credentials | None) -> Tracking | None:
     from hpcray.archive import Tracking
 
     return Tracking(uri, credentials) if uri else None
 
 
-def _archive(p: Profile, backend: Backend, open_api: Callable[[], ContextManager[jobs.JobsApi]],
-             credentials: Credentials | None, say: Say, *, to_mlflow: bool = True) -> None:
+def _archive(p: Profile, open_api: Callable[[], ContextManager[jobs.JobsApi]], tracking: Tracking | None,
+             say: Say) -> None:
     from hpcray.archive import archive
 
-    tracking = _archive_tracking(backend.tracking_uri(), credentials) if to_mlflow else None
     archive(open_api, cluster=p.name, tracking=tracking, run_id_of=_run_id_of,
             timeout_s=parse_duration(p.archive_timeout), say=say)
 
@@ -461,7 +459,8 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                 except HpcrayError as exc:
                     say(f"hpcray: could not stop job {current.submission_id}: {exc}")
             if api is not None and not keep and archive:
-                _archive(p, backend, lambda: contextlib.nullcontext(api), credentials, say)
+                _archive(p, lambda: contextlib.nullcontext(api), _archive_tracking(backend.tracking_uri(), credentials),
+                         say)
             way.close()
             if keep:
                 say(f"--keep: cluster {p.name} stays up; remove it with "
