@@ -32,7 +32,8 @@ def write_profile(tmp_path: Path, jobs: dict[str, dict[str, str]], **extra: obje
     path = tmp_path / "archive.yaml"
     path.write_text(yaml.safe_dump({
         "name": "archivetest", "backend": "local", "local": {"num_cpus": 1},
-        "mlflow": {"credentials": "none", "experiment": "archive-test"}, "jobs": jobs, **extra}))
+        "mlflow": {"credentials": "none", "experiment": "archive-test"}, "jobs": jobs,
+        "archive_timeout": "5m", **extra}))  # a loaded test machine may take more than the default 60s
     return path
 
 
