@@ -421,15 +421,27 @@ def submit(ctx: click.Context, profile_ref: str, address: str | None, access: st
 @click.argument("job_id", metavar="ID")
 @click.option("-f", "--follow", is_flag=True, help="Follow the logs until the job ends; exit code mirrors the job.")
 def logs(profile_ref: str, address: str | None, access: str | None, job_id: str, follow: bool) -> None:
-    """Print a job's logs (like `ray job logs`)."""
+    """Print a job's logs (like `ray job logs`); of a job whose cluster is gone, the log archived by `down`."""
     from hpcray import flows
+    from hpcray.errors import ClusterError, JobNotFound
     from hpcray.jobs import exit_code
 
-    with _jobs_api(profile_ref, address, access) as api:
-        if not follow:
-            click.echo(api.logs(job_id), nl=False)
-            return
-        status = flows.follow(api, job_id, out=sys.stdout, say=echo_err)
+    try:
+        with _jobs_api(profile_ref, address, access) as api:
+            if not follow:
+                click.echo(api.logs(job_id), nl=False)
+                return
+            status = flows.follow(api, job_id, out=sys.stdout, say=echo_err)
+    except (ClusterError, JobNotFound) as exc:
+        from hpcray.archive import find_log
+
+        archived = find_log(job_id)
+        if archived is None:
+            raise
+        echo_err(f"hpcray: job {job_id} is on no running cluster ({' '.join(str(exc).split())}); its log as "
+                 f"archived before the teardown, from {archived}:")
+        click.echo(archived.read_text(errors="replace"), nl=False)
+        return
     sys.exit(exit_code(status))
 
 
@@ -604,18 +616,21 @@ def up(profile_ref: str, timeout: str | None, ttl: str | None, down_on_failure: 
 @cli.command()
 @profile_option
 @click.option("--timeout", metavar="DUR", default="5m", show_default=True, help="How long to wait for the pods to go.")
-@click.option("--dry-run", is_flag=True, help="Print what would be removed; touch nothing.")
-def down(profile_ref: str, timeout: str, dry_run: bool) -> None:
-    """Remove the profile's Ray cluster and wait until none of its pods is left (absent: says so, succeeds)."""
+@click.option("--dry-run", is_flag=True, help="Print what would be archived and removed; touch nothing.")
+@click.option("--no-archive", is_flag=True, help="Don't save the jobs' logs, details and results first.")
+def down(profile_ref: str, timeout: str, dry_run: bool, no_archive: bool) -> None:
+    """Archive the cluster's jobs (logs, redacted details, results: to their MLflow runs, else to
+    ~/.local/share/hpcray/archive; at most the profile's archive_timeout), then remove the profile's Ray cluster and
+    wait until none of its pods is left (absent: says so, succeeds)."""
     from hpcray import flows
     from hpcray.profile import load_profile
 
     p = load_profile(profile_ref)
     timeout_s = duration(timeout, "--timeout")
     if dry_run:
-        _print_plan(flows.plan_down(p))
+        _print_plan(flows.plan_down(p, archive=not no_archive))
         return
-    removed = flows.down(p, timeout_s=timeout_s, progress=echo_err)
+    removed = flows.down(p, timeout_s=timeout_s, progress=echo_err, archive=not no_archive)
     click.echo(f"{p.name}: removed" if removed else f"{p.name}: nothing to remove (it was not running)")
 
 
@@ -712,14 +727,16 @@ def _print_run_plan(plan: RunPlan, as_json: bool) -> None:
 @must_fit_option
 @click.option("--dry-run", is_flag=True, help="Print what would be brought up, submitted and torn down; touch "
                                               "nothing.")
+@click.option("--no-archive", is_flag=True, help="Tear down without saving the jobs' logs, details and results.")
 @json_option
 def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: str | None, access: str | None,
-            skip_preflight: bool, must_fit: bool, dry_run: bool, as_json: bool) -> None:
+            skip_preflight: bool, must_fit: bool, dry_run: bool, no_archive: bool, as_json: bool) -> None:
     """Bring the profile's cluster up, run each JOB of the profile in turn, and tear the cluster down.
 
     \b
     The teardown happens whatever the outcome: a failed job, an error, Ctrl-C, SIGTERM or SIGHUP (a running job
-    is stopped first); --keep leaves the cluster up. MLflow is checked before anything starts.
+    is stopped first), after the jobs' logs, details and results are archived (--no-archive: not); --keep leaves
+    the cluster up. MLflow is checked before anything starts.
     On interLink a job is stopped gracefully interlink.slurm.stop_margin before its SLURM allocation ends; one
     with `resume: true` is then submitted again on the cluster brought up again, up to its max_attempts.
     Exit code: the worst job's (0 SUCCEEDED, 1 FAILED, 3 STOPPED), 2 when nothing ran, 128+N on signal N.
@@ -734,7 +751,8 @@ def run_cmd(profile_ref: str, job_names: tuple[str, ...], keep: bool, timeout: s
                                        warn=echo_err), as_json)
         return
     report = flows.run(p, list(job_names), out=sys.stderr if as_json else sys.stdout, say=echo_err, keep=keep,
-                       timeout_s=timeout_s, skip_preflight=skip_preflight, access=access, must_fit=must_fit)
+                       timeout_s=timeout_s, skip_preflight=skip_preflight, access=access, must_fit=must_fit,
+                       archive=not no_archive)
     if as_json:
         print_json(report.to_json())
     else:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import re
 import secrets
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, TextIO
 
 from hpcray import accounting, jobs, walltime
 from hpcray.backends import backend_for
@@ -33,6 +34,7 @@ from hpcray.tracking import CredentialPlan, Credentials, credential_plan, log_us
 from hpcray.waiting import parse_duration
 
 if TYPE_CHECKING:
+    from hpcray.archive import Tracking
     from hpcray.backends.base import Backend, ClusterStatus, Plan
     from hpcray.backends.fleet import Expired
 
@@ -100,12 +102,44 @@ def up(p: Profile, *, timeout_s: float | None = None, ttl_s: float | None = None
                              down_on_failure=down_on_failure, preflight=not skip_preflight, access=_access(p, access))
 
 
-def plan_down(p: Profile) -> Plan:
-    return backend_for(p).plan_down()
+def plan_down(p: Profile, *, archive: bool = True) -> Plan:
+    backend = backend_for(p)
+    plan = backend.plan_down()
+    if archive:
+        from hpcray.archive import describe
+        from hpcray.backends.base import Step
+
+        where = _archive_tracking(backend.tracking_uri(), None)
+        plan.steps.insert(0, Step(describe(p.name, where, parse_duration(p.archive_timeout))))
+    return plan
 
 
-def down(p: Profile, *, timeout_s: float, progress: Say) -> bool:
-    return backend_for(p).down(progress=progress, timeout=timeout_s)
+def down(p: Profile, *, timeout_s: float, progress: Say, archive: bool = True) -> bool:
+    """Archive the cluster's jobs (unless told not to; bounded by archive_timeout, never in the way), then remove
+    the cluster."""
+    backend = backend_for(p)
+    if archive and backend.status().exists:
+        try:
+            tracking = _archive_tracking(backend.tracking_uri(), credential_plan(p).load())
+        except CredentialsError as exc:
+            progress(f"hpcray: warning: {exc}; archiving to this machine instead of MLflow")
+            tracking = None
+        _archive(p, lambda: jobs_api(p, None, progress), tracking, progress)
+    return backend.down(progress=progress, timeout=timeout_s)
+
+
+def _archive_tracking(uri: str | None, credentials: Credentials | None) -> Tracking | None:
+    from hpcray.archive import Tracking
+
+    return Tracking(uri, credentials) if uri else None
+
+
+def _archive(p: Profile, open_api: Callable[[], ContextManager[jobs.JobsApi]], tracking: Tracking | None,
+             say: Say) -> None:
+    from hpcray.archive import archive
+
+    archive(open_api, cluster=p.name, tracking=tracking, run_id_of=_run_id_of,
+            timeout_s=parse_duration(p.archive_timeout), say=say)
 
 
 def status(p: Profile) -> ClusterStatus:
@@ -190,13 +224,20 @@ def plan_submit(p: Profile, name: str | None, argv: list[str], *, overrides: Ove
         spec = dataclasses.replace(spec, runtime_env={**spec.runtime_env, **o.runtime_env})
     plan = credential_plan(p)
     credentials = _credentials(plan, dry_run=dry_run, warn=warn)
-    return _submission(_tracked(p, backend_for(p).tracking_uri()), name, spec, plan, credentials, submission_id, warn)
+    backend = backend_for(p)
+    return _submission(_tracked(p, backend.tracking_uri()), name, spec, plan, credentials, submission_id, warn,
+                       backend.results_root())
 
 
 def _submission(p: Profile, name: str | None, spec: JobSpec, plan: CredentialPlan, credentials: Credentials | None,
-                submission_id: str | None, warn: Say) -> Submit:
+                submission_id: str | None, warn: Say, results_root: str) -> Submit:
+    """The submission, with a results directory of its own on the head (HPCRAY_RESULTS_DIR, which `down` archives)
+    unless the job names one."""
+    from hpcray.archive import RESULTS_VAR, results_dir
+
     sub = jobs.build_submission(p, spec, name=name, credentials=credentials if plan.in_job else None,
                                 submission_id=submission_id, warn=warn)
+    sub.runtime_env["env_vars"].setdefault(RESULTS_VAR, results_dir(results_root, name))
     return Submit(p, name, sub, credentials)
 
 
@@ -272,6 +313,15 @@ class RunReport:
 RUN_ID_LINE = re.compile(r"MLFLOW_RUN_ID=([0-9a-f]{32})\s*")
 HIGHLIGHT = "best trial: "
 LONGEST_READ = 4096
+
+
+def _run_id_of(log: str) -> str | None:
+    """The first MLflow run a job's log names (the job-output contract below)."""
+    result = JobResult("")
+    output = JobOutput(io.StringIO(), result)
+    output.write(log)
+    output.close()
+    return result.mlflow_run_ids[0] if result.mlflow_run_ids else None
 
 
 class JobOutput:
@@ -361,8 +411,8 @@ def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, skip_prefl
     up_plan = backend.plan(credentials=credentials if plan.in_cluster else None, ttl_s=_ttl(p, None), warn=warn,
                            preflight=not skip_preflight, access=_access(p, access))
     tracked = _tracked(p, backend.tracking_uri())
-    submissions = [_submission(tracked, name, jobs.job_spec(p, name, []), plan, credentials, None, warn)
-                   for name in job_names]
+    submissions = [_submission(tracked, name, jobs.job_spec(p, name, []), plan, credentials, None, warn,
+                               backend.results_root()) for name in job_names]
     then = "keep the cluster up (--keep)" if keep else \
         f"tear the cluster down, whatever happens to the jobs (`hpcray down --profile {profile_ref(p.source)}`)"
     return RunPlan(up_plan, submissions, then)
@@ -370,10 +420,13 @@ def plan_run(p: Profile, job_names: list[str], *, keep: bool = False, skip_prefl
 
 def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool = False,
         timeout_s: float | None = None, skip_preflight: bool = False, access: str | None = None,
-        must_fit: bool = False) -> RunReport:
+        must_fit: bool = False, archive: bool = True) -> RunReport:
     """Run the named jobs of the profile on a fresh (or existing) cluster; what happened to each. A job that may not
     fit the allocation is warned about (refused with `must_fit`), stopped gracefully before the allocation ends,
-    and, with `resume: true`, submitted again on a cluster brought up again (see `_ended_under`)."""
+    and, with `resume: true`, submitted again on a cluster brought up again (see `_ended_under`). Before the
+    teardown the cluster's jobs are archived (see `down`)."""
+    from hpcray.archive import RESULTS_VAR
+
     jobs.check_names(p, job_names)
     specs = {name: jobs.job_spec(p, name, []) for name in job_names}
     limit = allocation_limit(p)
@@ -382,6 +435,10 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
             f"pods' --time ({walltime.human(limit)}): jobs are not stopped before SLURM's kill; lower it")
     for name in job_names:  # before any HPC hour is spent: against the allocation a fresh cluster gets
         check_fit(p, name, left_s=_left(p, limit), must_fit=must_fit, warn=say)
+        if specs[name].resume and RESULTS_VAR not in specs[name].env:
+            say(f"hpcray: warning: job {name} has resume: true but no {RESULTS_VAR} in its env: its results directory "
+                "is then on the head and gone with the allocation, so a new attempt starts over; set "
+                f"jobs.{name}.env.{RESULTS_VAR} to a directory on the shared filesystem (a profile volume)")
     plan = credential_plan(p)
     credentials = plan.load()
     if p.mlflow.tracking_uri:
@@ -411,7 +468,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                 while True:
                     check_fit(p, result.name, left_s=_left(p, cluster.time_left_s()), must_fit=must_fit, warn=say)
                     sub = _submission(tracked, result.name, _attempt(spec, result), plan, credentials, None,
-                                      say).submission
+                                      say, backend.results_root()).submission
                     result.submission_id = jobs.submit(api, sub, image_ray_version=p.image.ray_version,
                                                        progress=say, warn=say)
                     result.attempts += 1
@@ -460,6 +517,9 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
                     current.status = jobs.stop(api, current.submission_id, wait=True, timeout=15)
                 except HpcrayError as exc:
                     say(f"hpcray: could not stop job {current.submission_id}: {exc}")
+            if api is not None and not keep and archive:
+                _archive(p, lambda: contextlib.nullcontext(api), _archive_tracking(backend.tracking_uri(), credentials),
+                         say)
             way.close()
             if keep:
                 say(f"--keep: cluster {p.name} stays up; remove it with "

@@ -304,6 +304,9 @@ class Profile:
                  "without. `none`: no token; anyone who reaches the dashboard can run code on the cluster.")
     ttl: str | None = opt(None, "Default lifetime of a cluster; `hpcray gc` removes expired ones.", "6h")
     timeout: str = opt("2h", "How long `up` waits for the cluster to be ready (HPC queues are slow).", "30m")
+    archive_timeout: str = opt("60s", "How long `down` (and `run`'s teardown) may spend saving each job's logs, "
+                                      "details and results (HPCRAY_RESULTS_DIR) before the cluster goes; past it, a "
+                                      "warning, and the teardown goes on. `down --no-archive` skips it.", "2m")
 
     # Where the profile came from, and the line of each dotted key in it; not YAML keys.
     source: Path = field(default=Path("<profile>"), metadata={"internal": True})
@@ -765,8 +768,8 @@ def check_profile(p: Profile) -> None:
     if not _DNS_LABEL.match(p.name) or len(p.name) > 40:
         fail("name", f"{p.name!r} must be a lowercase DNS label of at most 40 characters (a-z, 0-9, '-'), "
                      "because it names the Helm release and its pods")
-    for key, value in (("ttl", p.ttl), ("timeout", p.timeout), ("interlink.slurm.stop_margin",
-                                                                  p.interlink.slurm.stop_margin)):
+    for key, value in (("ttl", p.ttl), ("timeout", p.timeout), ("archive_timeout", p.archive_timeout),
+                       ("interlink.slurm.stop_margin", p.interlink.slurm.stop_margin)):
         if value is not None:
             try:
                 parse_duration(value)

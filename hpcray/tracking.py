@@ -347,3 +347,24 @@ def log_usage(uri: str, credentials: Credentials | None, run_ids: list[str], met
                             tags=[RunTag(k, v) for k, v in tags.items()])
     except MlflowException as exc:
         raise TrackingError(f"MLflow run in {uri} took no usage metrics: {exc.message}") from None
+
+
+def log_artifacts(uri: str, credentials: Credentials | None, run_id: str, directory: Path, artifact_path: str) -> None:
+    """Upload a directory's files as artifacts of an existing run (a job's archive). The credentials reach MLflow's
+    client the way it reads them, through this process's environment, only while it uploads."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v.reveal() if isinstance(v, Secret) else v for k, v in credentials.env().items()} if credentials else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        MlflowClient(uri).log_artifacts(run_id, str(directory), artifact_path)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot save artifacts to MLflow run {run_id} at {uri}: {exc.message}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -148,6 +148,11 @@ class Backend(Protocol):
         """Where jobs on this cluster log to MLflow (a server the backend started, or the profile's)."""
         ...
 
+    def results_root(self) -> str:
+        """A directory on the head under which each job gets its own results directory (HPCRAY_RESULTS_DIR), which
+        `down` archives before the cluster goes."""
+        ...
+
     def status(self) -> ClusterStatus:
         ...
 

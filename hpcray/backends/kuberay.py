@@ -308,6 +308,11 @@ class KubeRayBackend:
     def tracking_uri(self) -> str | None:
         return self.p.mlflow.tracking_uri
 
+    def results_root(self) -> str:
+        """Ray's own temp dir in the head container: writable in every image (the chart mounts an emptyDir there;
+        on interLink a job directory), gone with the pod."""
+        return "/tmp/ray/hpcray-results"
+
     def status(self) -> ClusterStatus:
         release = helm.status(helm.find_helm(), self.release)
         k = kube.connect(self.release.where)

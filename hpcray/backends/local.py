@@ -250,6 +250,10 @@ class LocalBackend:
             return st.mlflow_uri
         return self.p.mlflow.tracking_uri
 
+    def results_root(self) -> str:
+        """In the head's private temp dir, which `down` removes (after archiving it)."""
+        return f"{self.temp_dir}/results"
+
     def status(self) -> ClusterStatus:
         st = self._load()
         if st is None:

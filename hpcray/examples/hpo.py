@@ -89,6 +89,8 @@ def main() -> None:
         print(f"MLFLOW_RUN_ID={parent.info.run_id}", flush=True)  # hpcray resumes this run after a walltime stop
         if not parent_id:
             mlflow.log_params({"trials": args.trials, "epochs": args.epochs, "samples": args.samples})
+        # hpcray gives each job a results directory (HPCRAY_RESULTS_DIR) and archives it at `down`; a resumable job
+        # sets it to a directory on the shared filesystem, which outlives the allocation
         storage = os.path.abspath(os.environ.get("HPCRAY_RESULTS_DIR") or "tune-results")
         name = os.environ.get("HPCRAY_RESUME_NAME")  # None: a new experiment, named by Tune
         if name and tune.Tuner.can_restore(os.path.join(storage, name)):
