@@ -20,6 +20,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from hpcray.waiting import words
+
 PREFIX, CLUSTER_PREFIX = "hpcray.", "hpcray.cluster."
 
 
@@ -46,9 +48,9 @@ class Usage:
         return {prefix + k: round(float(v), 6) for k, v in values.items() if v is not None}
 
     def words(self) -> str:
-        """`queued 12s; ran 3m05s; 2 GPUs; 0.103 GPU-hours`."""
-        parts = [f"queued {duration(self.queue_wait_s)}" if self.queue_wait_s is not None else "",
-                 f"ran {duration(self.run_time_s)}" if self.run_time_s is not None else "not running",
+        """`queued 12s; ran 3m5s; 2 GPUs; 0.103 GPU-hours`."""
+        parts = [f"queued {words(self.queue_wait_s)}" if self.queue_wait_s is not None else "",
+                 f"ran {words(self.run_time_s)}" if self.run_time_s is not None else "not running",
                  f"{self.gpus} GPU{'' if self.gpus == 1 else 's'}", f"{self.gpu_hours:.3f} GPU-hours"]
         return "; ".join(p for p in parts if p)
 
@@ -127,15 +129,3 @@ def _gres_gpus(value: str) -> int | None:
 
 def _count(text: str) -> int | None:
     return int(text) if text.isdigit() else None
-
-
-def duration(seconds: float | None) -> str:
-    """`45s`, `3m05s`, `2h07m`."""
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -528,7 +528,7 @@ def _walltime(status: ClusterStatus) -> str:
 
 
 def _print_cluster(status: ClusterStatus) -> None:
-    from hpcray.accounting import duration as duration_words
+    from hpcray.waiting import words
 
     ready_nodes = sum(n.phase == "Ready" for n in status.nodes)
     where = f" namespace {status.namespace}" if status.namespace else ""
@@ -543,7 +543,7 @@ def _print_cluster(status: ClusterStatus) -> None:
     if status.usage is not None:
         click.echo(f"  usage: {status.usage.words()}")
     for n in status.nodes:
-        queued = (f"  queued {duration_words(n.started_at - n.created_at)}"
+        queued = (f"  queued {words(n.started_at - n.created_at)}"
                   if n.started_at is not None and n.created_at is not None else "")
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"
                    f"{queued}{f'  {n.gpus} GPU' if n.gpus else ''}")

@@ -31,7 +31,7 @@ from hpcray.errors import ClusterError, CredentialsError, HpcrayError, Interrupt
 from hpcray.profile import JobSpec, Profile, profile_ref
 from hpcray.secrets import Secret
 from hpcray.tracking import CredentialPlan, Credentials, credential_plan, log_usage, preflight
-from hpcray.waiting import parse_duration
+from hpcray.waiting import parse_duration, words
 
 if TYPE_CHECKING:
     from hpcray.archive import Tracking
@@ -432,7 +432,7 @@ def run(p: Profile, job_names: list[str], *, out: TextIO, say: Say, keep: bool =
     limit = allocation_limit(p)
     if limit is not None and _margin(p) >= limit:
         say(f"hpcray: warning: interlink.slurm.stop_margin {p.interlink.slurm.stop_margin} is not shorter than the "
-            f"pods' --time ({walltime.human(limit)}): jobs are not stopped before SLURM's kill; lower it")
+            f"pods' --time ({words(limit)}): jobs are not stopped before SLURM's kill; lower it")
     for name in job_names:  # before any HPC hour is spent: against the allocation a fresh cluster gets
         check_fit(p, name, left_s=_left(p, limit), must_fit=must_fit, warn=say)
         if specs[name].resume and RESULTS_VAR not in specs[name].env:
@@ -650,7 +650,7 @@ def _ended_under(backend: Backend, cluster: ClusterStatus) -> str | None:
         return None
     end = walltime.allocation_end(head.started_at, head.time_limit_s)
     if end is not None and time.time() >= end:
-        return f"SLURM's walltime ({walltime.TIMEOUT_REASON}: --time {walltime.human(head.time_limit_s or 0)})"
+        return f"SLURM's walltime ({walltime.TIMEOUT_REASON}: --time {words(head.time_limit_s or 0)})"
     return f"the head pod {head.name} going away ({same.phase if same else 'deleted'})"
 
 

@@ -21,6 +21,22 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
 
 
+def words(seconds: float) -> str:
+    """A duration as users read it: 90 → '1m30s', 5400 → '1h30m', 200000 → '2d7h33m' (seconds only under an hour)."""
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (s, "s")]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    if days or hours:
+        parts = [p for p in parts if p[1] != "s"]
+    while len(parts) > 1 and parts[-1][0] == 0:
+        parts.pop()
+    return "".join(f"{n}{unit}" for n, unit in parts)
+
+
 class Deadline:
     """A point in monotonic time: `left`, `passed`, and `sleep` that never sleeps past it."""
 

@@ -12,6 +12,8 @@ import re
 import shlex
 from collections.abc import Iterable
 
+from hpcray.waiting import words
+
 TIMEOUT_REASON = "SlurmJobTimeout"
 """The terminated reason interLink's SLURM plugin gives a container whose job reached its time limit."""
 
@@ -84,25 +86,9 @@ def fit_problem(job: str, max_runtime_s: float | None, left_s: float | None, *, 
     is unknown)."""
     if max_runtime_s is None or left_s is None or max_runtime_s <= left_s:
         return None
-    shown = max_runtime or human(max_runtime_s)
-    return (f"job {job} has max_runtime {shown} but only {human(max(left_s, 0.0))} of the allocation is left before "
+    shown = max_runtime or words(max_runtime_s)
+    return (f"job {job} has max_runtime {shown} but only {words(max(left_s, 0.0))} of the allocation is left before "
             f"hpcray stops it")
-
-
-def human(seconds: float) -> str:
-    """90 → '1m30s', 5400 → '1h30m', 200000 → '2d7h33m'."""
-    s = int(round(seconds))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (s, "s")]
-    while len(parts) > 1 and parts[0][0] == 0:
-        parts.pop(0)
-    if days or hours:
-        parts = [p for p in parts if p[1] != "s"]
-    while len(parts) > 1 and parts[-1][0] == 0:
-        parts.pop()
-    return "".join(f"{n}{unit}" for n, unit in parts)
 
 
 def left_words(ends_at: float | None, now: float) -> str:
@@ -110,4 +96,4 @@ def left_words(ends_at: float | None, now: float) -> str:
     if ends_at is None:
         return "no walltime known"
     left = ends_at - now
-    return f"walltime {human(left)} left" if left > 0 else f"walltime ended {human(-left)} ago"
+    return f"walltime {words(left)} left" if left > 0 else f"walltime ended {words(-left)} ago"

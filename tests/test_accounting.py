@@ -52,7 +52,7 @@ def test_a_cluster_waits_for_its_last_allocation_and_sums_gpu_hours() -> None:
 def test_a_pod_still_queued_counts_its_wait_so_far_and_no_gpu_time() -> None:
     usage = cluster_usage([Alloc(4, created_at=100, started_at=None)], now=400)
     assert usage == Usage(queue_wait_s=300, run_time_s=None, gpus=0, gpu_hours=0.0)
-    assert usage.words() == "queued 5m00s; not running; 0 GPUs; 0.000 GPU-hours"
+    assert usage.words() == "queued 5m; not running; 0 GPUs; 0.000 GPU-hours"
 
 
 def test_a_job_is_charged_the_gpus_held_while_it_ran() -> None:

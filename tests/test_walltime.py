@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hpcray import walltime
+from hpcray import waiting, walltime
 from hpcray.backends.base import ClusterStatus, NodeStatus
 from hpcray.backends.kuberay import cluster_ends_at, node_status
 from hpcray.cli import main
@@ -77,7 +77,7 @@ def test_max_runtime_against_the_time_left() -> None:
 @pytest.mark.parametrize("seconds, words", [(0, "0s"), (59, "59s"), (90, "1m30s"), (3600, "1h"), (5400, "1h30m"),
                                             (200000, "2d7h33m"), (86400, "1d")])
 def test_durations_in_words(seconds: float, words: str) -> None:
-    assert walltime.human(seconds) == words
+    assert waiting.words(seconds) == words
 
 
 def test_time_left_in_words() -> None:

@@ -40,7 +40,7 @@ from hpcray.render import PROFILE_LABEL, TOKEN_KEY, token_auth, token_secret_nam
 from hpcray.secrets import Secret
 from hpcray.state import locked, state_dir, write_atomic
 from hpcray.tracking import PASSWORD_VAR, SECRET_KEYS, USERNAME_VAR, Credentials, credential_plan, secret_name
-from hpcray.waiting import Deadline
+from hpcray.waiting import Deadline, words
 
 DASHBOARD_PORT = 8265
 RELAY_LABEL = "hpcray.io/relay"
@@ -167,7 +167,7 @@ class KubeRayBackend:
             if failed or not ready:
                 diagnosis = self._diagnose(k, watch, install.expected_workers)
                 outcome = self._after_failure(install.helm, k, down_on_failure, progress)
-                when = "cannot start" if failed else f"was not ready within {_seconds(timeout)}"
+                when = "cannot start" if failed else f"was not ready within {words(timeout)}"
                 raise ClusterNotReady(f"{self.name} {when}: {diagnosis}; {outcome}")
             return self._status(release, [(p, kube.pod_state(p)) for p in watch.pods.values()],
                                 install.expected_workers, install.expires_at)
@@ -456,7 +456,7 @@ class KubeRayBackend:
         if not watch.until(lambda pods: any(kube.pod_state(p).ready for p in pods.values()),
                            deadline=Deadline(RELAY_WAIT_S), on_change=PodLines(progress)):
             why = "; ".join(f"{s.phase}: {s.reason}" for s in map(kube.pod_state, watch.pods.values())) or "gone"
-            raise ClusterError(f"relay pod {self.relay} was not Ready within {_seconds(RELAY_WAIT_S)} ({why}); check "
+            raise ClusterError(f"relay pod {self.relay} was not Ready within {words(RELAY_WAIT_S)} ({why}); check "
                                f"that regular nodes can pull kubernetes.relay_image, or use --access service-proxy")
 
     def _relay_pod(self, owner_uid: str) -> kube.Obj:
@@ -519,7 +519,7 @@ class KubeRayBackend:
             watch = kube.PodWatch(k, self.selector, progress)
             if not watch.until(lambda pods: not pods, deadline=Deadline(timeout), on_change=PodLines(progress)):
                 left = ", ".join(f"{s.name} ({s.phase})" for s in map(kube.pod_state, watch.pods.values()))
-                raise ClusterNotReady(f"pods of {self.name} are still there after {_seconds(timeout)}: {left}; a "
+                raise ClusterNotReady(f"pods of {self.name} are still there after {words(timeout)}: {left}; a "
                                       "finalizer or an unreachable node may hold them (`kubectl describe pod`)")
             return removed
 
@@ -546,7 +546,7 @@ class PodLines:
             return
         self.last[name] = (s.phase, s.reason)
         self.progress(f"  {s.name}  {s.role}  {s.phase}{'  ' + s.reason if s.reason else ''}  "
-                      f"(age {_seconds(s.age())})")
+                      f"(age {words(s.age())})")
 
 
 def _is_url(access: str) -> bool:
@@ -588,11 +588,3 @@ def cluster_ends_at(nodes: list[NodeStatus]) -> float | None:
 
 def release_status(r: helm.ReleaseInfo | None) -> ReleaseStatus | None:
     return None if r is None else ReleaseStatus(r.status, r.revision, r.chart, r.updated)
-
-
-def _seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.0f}m"
-    return f"{s / 3600:.1f}h"
