@@ -377,5 +377,6 @@ def test_a_walltime_kill_shows_slurm_job_timeout(site_box: SiteBox,  # noqa: F81
     gone = [line for line in status.stdout.splitlines() if " Deleted " in line]  # the Failed pod is gone: KubeRay's
     assert len(gone) == 1 and "SlurmJobTimeout" in gone[0], status.stdout  # Event on the RayCluster says why
     assert "KubeRay deleted it and made a new pod" in gone[0], status.stdout
+    print(f"{line}\n{status.stdout}")
     head = gone[0].split()[0]
     assert any(" head " in line and head not in line for line in status.stdout.splitlines()), status.stdout
