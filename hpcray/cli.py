@@ -528,6 +528,8 @@ def _walltime(status: ClusterStatus) -> str:
 
 
 def _print_cluster(status: ClusterStatus) -> None:
+    import time
+
     from hpcray.waiting import words
 
     ready_nodes = sum(n.phase == "Ready" for n in status.nodes)
@@ -547,6 +549,9 @@ def _print_cluster(status: ClusterStatus) -> None:
                   if n.started_at is not None and n.created_at is not None else "")
         click.echo(f"  {n.name}  {n.role}  {n.phase}{'  ' + n.reason if n.reason else ''}  age {n.age_s:.0f}s"
                    f"{queued}{f'  {n.gpus} GPU' if n.gpus else ''}")
+    for n in status.replaced:
+        ago = f"  {words(time.time() - n.ended_at)} ago" if n.ended_at is not None else ""
+        click.echo(f"  {n.name}  {n.role}  {n.phase}  {n.reason}{ago}")
 
 
 def _print_plan(plan: Plan) -> None:

@@ -651,14 +651,16 @@ def _ended_under(backend: Backend, cluster: ClusterStatus) -> str | None:
     end = walltime.allocation_end(head.started_at, head.time_limit_s)
     if end is not None and time.time() >= end:
         return f"SLURM's walltime ({walltime.TIMEOUT_REASON}: --time {words(head.time_limit_s or 0)})"
-    return f"the head pod {head.name} going away ({same.phase if same else 'deleted'})"
+    gone = next((n for n in now.replaced if n.name == head.name), None)
+    return f"the head pod {head.name} going away ({gone.reason if gone else same.phase if same else 'deleted'})"
 
 
 def _lost(p: Profile, backend: Backend, result: JobResult, exc: ClusterError) -> ClusterError:
     """The cluster stopped answering while a job ran: which cluster, which job, and why when the backend can say
     (the teardown that follows would erase the evidence)."""
     try:
-        why = "; ".join(f"{n.name} {n.phase}: {n.reason}" for n in backend.status().nodes if n.reason)
+        now = backend.status()
+        why = "; ".join(f"{n.name} {n.phase}: {n.reason}" for n in now.replaced + now.nodes if n.reason)
     except HpcrayError:
         why = ""
     return ClusterError(f"cluster '{p.name}' went away while job {result.name} ({result.submission_id}) was running: "

@@ -175,16 +175,26 @@ def pod_problem(pod: Obj) -> str | None:
         return (f"interLink could not start its SLURM job (ProviderFailed: {status.get('message') or 'no message'});"
                 " fix what sbatch or the plugin says (interlink.slurm flags, partition, account, volumes)")
     for c in status.get("containerStatuses") or []:
-        t = (c.get("state") or {}).get("terminated") or {}
-        if t.get("reason") == "SlurmJobTimeout":
-            return (f"its SLURM job reached the walltime and was killed (SlurmJobTimeout, container {c['name']}); "
-                    "raise interlink.slurm.time, or give the jobs less to do")
-        if t.get("reason") == "OOMKilled":
-            return (f"its SLURM job ran out of memory (OOMKilled, container {c['name']}); raise the memory of "
-                    "head/workers")
+        if killed := _killed(((c.get("state") or {}).get("terminated") or {}).get("reason"), f"container {c['name']}"):
+            return killed
     if status.get("phase") == "Failed":
         return (f"its SLURM job ended ({kube.pod_state(pod).reason}); `kubectl logs {pod['metadata']['name']}` shows "
                 "the job's output")
+    return None
+
+
+def deleted_problem(pod: kube.DeletedPod) -> str:
+    """Why a pod KubeRay deleted and replaced had ended, in interLink's words where it has them."""
+    code = f", exit code {pod.exit_code}" if pod.exit_code else ""
+    return _killed(pod.reason, "its Ray container") or f"its SLURM job ended ({pod.reason or pod.phase}{code})"
+
+
+def _killed(reason: str | None, where: str) -> str | None:
+    if reason == "SlurmJobTimeout":
+        return (f"its SLURM job reached the walltime and was killed (SlurmJobTimeout, {where}); raise "
+                "interlink.slurm.time, or give the jobs less to do")
+    if reason == "OOMKilled":
+        return f"its SLURM job ran out of memory (OOMKilled, {where}); raise the memory of head/workers"
     return None
 
 

@@ -388,6 +388,48 @@ def pod_warnings(kube: Kube, pod_name: str) -> list[tuple[str, str]]:
     return list(seen.values())[-3:]
 
 
+@dataclass(frozen=True)
+class DeletedPod:
+    """A pod KubeRay deleted because it had ended (it makes a new pod, with a new name, in its place): what the
+    Event it recorded on the RayCluster says of it."""
+
+    name: str
+    role: str  # head | worker
+    phase: str  # the pod's phase then: Failed | Succeeded | Running (its Ray container ended, restartPolicy Never)
+    reason: str  # the Ray container's terminated reason (SlurmJobTimeout, OOMKilled, Error, ...); "" if none
+    exit_code: int | None
+    at: float  # epoch seconds
+
+
+VK_DELETED = "VKProviderPodContainerDeleted"  # virtual-kubelet: a container it ended because its pod was deleted
+# KubeRay 1.2: reason Deleted, "Deleted head Pod NAME; ..."; 1.3 on: DeletedHeadPod/DeletedWorkerPod, "ns/NAME"
+_DELETED = re.compile(r"Deleted (head|worker) Pod (?:[^/;\s]+/)?([^;\s]+); Pod status: (\w*); .*"
+                      r"Ray container terminated status: (.*)$", re.S)
+
+
+def pods_kuberay_deleted(kube: Kube, raycluster: Obj) -> list[DeletedPod]:
+    """The pods KubeRay deleted after they ended (e.g. at SLURM's walltime), oldest first, from its Events on this
+    RayCluster (by uid: not a former one of the same name). KubeRay deletes a pod still terminating again, and
+    records that again: by then interLink's virtual kubelet has marked its containers VK_DELETED, which is never why
+    a pod ended, so the Event that says why is the one kept (Event times are whole seconds: the order of two in one
+    second is unknown). Events live about an hour (the API server's --event-ttl)."""
+    uid = raycluster["metadata"]["uid"]
+    with api_errors(kube, f"list events of RayCluster {raycluster['metadata']['name']}"):
+        events = kube.request("GET", "/api/v1/namespaces/{ns}/events", ns=kube.namespace,
+                              query={"fieldSelector": f"involvedObject.uid={uid}"})["items"]
+    seen: list[DeletedPod] = []
+    for e in events:
+        if m := _DELETED.match(e.get("message") or ""):
+            terminated = m[4]  # Go's %v of a *ContainerStateTerminated: &ContainerStateTerminated{ExitCode:1,...}
+            reason, code = re.search(r"\bReason:([^,]*),", terminated), re.search(r"\bExitCode:(-?\d+),", terminated)
+            seen.append(DeletedPod(m[2], m[1], m[3], reason[1] if reason else "", int(code[1]) if code else None,
+                                   parse_time(e.get("firstTimestamp") or "") or _event_time(e)))
+    first: dict[str, DeletedPod] = {}
+    for d in sorted(seen, key=lambda d: (d.reason == VK_DELETED, d.at)):
+        first.setdefault(d.name, d)
+    return sorted(first.values(), key=lambda d: d.at)
+
+
 def _event_time(event: Obj) -> float:
     for key in ("lastTimestamp", "eventTime", "firstTimestamp"):
         if event.get(key):

@@ -7,6 +7,21 @@ KubeRay 1.2.2: a RayCluster gets a head pod `<name>-head-xxxxx`, `replicas` work
 update; `.status.state` becomes "ready" once every pod is ready and is never cleared. Pods go away through the API
 server's garbage collection when their RayCluster does.
 
+Pods that end are replaced, as KubeRay 1.2.2's RayCluster controller does it (ray-project/kuberay
+ray-operator/controllers/ray/raycluster_controller.go `reconcilePods` and `shouldDeletePod`; the form of PR #2217,
+merged 2024-08-09 for v1.2.0, unchanged since, e.g. at 0055bf3): a head or worker pod whose phase is Failed or
+Succeeded is deleted whatever its restartPolicy (so also the chart's default Always), and so is a Running pod whose
+Ray container (the first) has terminated when its restartPolicy is Never. Each deletion is recorded as an Event on
+the RayCluster (reason `Deleted`, from `raycluster-controller`: "Deleted head Pod NAME; Pod status: Failed; Pod
+restart policy: Always; Ray container terminated status: &ContainerStateTerminated{...,Reason:SlurmJobTimeout,...}",
+Go's rendering of the container's terminated state; KubeRay ≥ 1.3 says `DeletedHeadPod` / "ns/NAME"). A reconcile
+that deletes a head does nothing else; one that deletes workers of a group creates none. KubeRay lists pods still
+terminating and counts them, so the replacement — a new pod, a new generated name and uid (`Created` Event "Created
+head pod NAME"; a worker's "Created worker pod " names none, a 1.2 bug) — comes once the old pod object is gone; a
+pod still listed is deleted (and the Event recorded) again on every reconcile. On interLink's virtual node nothing
+restarts a container, so a SLURM walltime kill (the plugin's `SlurmJobTimeout`) makes the pod Failed, KubeRay
+deletes it and a new pod queues for a new SLURM job: the Failed pod and its reason stay visible only in that Event.
+
 Every pod without a node is scheduled like kube-scheduler does (tests/fake_kube_scheduler.py: taints,
 nodeSelector/affinity, requests vs allocatable); one that fits nowhere stays Pending with the scheduler's
 FailedScheduling message. A pod bound to an interLink virtual node is handed to that node's virtual kubelet
@@ -25,6 +40,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 from tests.fake_kube_objects import ENDPOINTS, EVENTS, NODES, PODS, SERVICES, ApiError, Obj, now_iso
@@ -198,17 +214,48 @@ class FakeKubeRayOperator:
             groups[wg["groupName"]] = (wg, wg.get("replicas", 0) * wg.get("numOfHosts", 1), "worker")
         if self.store.find(SERVICES, ns, head_service_name(name)) is None:
             self.store.create(SERVICES, head_service(rc))
-        live = [p for p in self.store.list(PODS, ns, f"ray.io/cluster={name}")
-                if not p["metadata"].get("deletionTimestamp")]
+        listed = self.store.list(PODS, ns, f"ray.io/cluster={name}")  # terminating pods too, as KubeRay's cache
         for group, (group_spec, want, node_type) in groups.items():
-            have = [p for p in live if p["metadata"]["labels"].get("ray.io/group") == group]
+            have = [p for p in listed if p["metadata"]["labels"].get("ray.io/group") == group]
+            ended = [p for p in have if _should_delete(p)] if node_type == "worker" or len(have) == 1 else []
+            for pod in ended:
+                self.store.delete(PODS, ns, pod["metadata"]["name"])
+                self._rc_event(rc, "Deleted", f"Deleted {node_type} Pod {_deleted_words(pod)}")
+            if ended:
+                break  # KubeRay returns an error and requeues: nothing else is reconciled this time
             for _ in range(want - len(have)):
-                self.store.create(PODS, build_pod(rc, node_type, group_spec))
+                pod = self.store.create(PODS, build_pod(rc, node_type, group_spec))
+                named = pod["metadata"]["name"] if node_type == "head" else ""  # a worker's: unnamed in 1.2
+                self._rc_event(rc, "Created", f"Created {node_type} pod {named}")
             for extra in have[want:]:
                 self.store.delete(PODS, ns, extra["metadata"]["name"])
+                if node_type == "worker":
+                    self._rc_event(rc, "Deleted", f"Deleted Pod {extra['metadata']['name']}")
+        live = [p for p in listed if not p["metadata"].get("deletionTimestamp")]
         for orphan in (p for p in live if p["metadata"]["labels"].get("ray.io/group") not in groups):
             self.store.delete(PODS, ns, orphan["metadata"]["name"])
         self._update_status(rc_res, rc)
+
+    def _rc_event(self, rc: Obj, reason: str, message: str) -> None:
+        """A Normal Event about the RayCluster from KubeRay's recorder; a repeat counts up, as Kubernetes does."""
+        ns, now = rc["metadata"]["namespace"], now_iso()
+        same = [e for e in self.store.list(EVENTS, ns, fields=f"involvedObject.uid={rc['metadata']['uid']}")
+                if (e["reason"], e["message"]) == (reason, message)]
+        if same:
+            self.store.replace(EVENTS, ns, same[0]["metadata"]["name"],
+                               {**same[0], "count": same[0]["count"] + 1, "lastTimestamp": now})
+            return
+        try:
+            self.store.create(EVENTS, {
+                "metadata": {"name": f"{rc['metadata']['name']}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+                "involvedObject": {"kind": "RayCluster", "apiVersion": "ray.io/v1", "namespace": ns,
+                                   "name": rc["metadata"]["name"], "uid": rc["metadata"]["uid"],
+                                   "resourceVersion": rc["metadata"].get("resourceVersion", "")},
+                "reason": reason, "message": message, "type": "Normal",
+                "source": {"component": "raycluster-controller"}, "reportingComponent": "raycluster-controller",
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+        except ApiError:  # the namespace is going away
+            pass
 
     def _update_status(self, rc_res: Resource, rc: Obj) -> None:
         """KubeRay 1.2.2's status: counts, endpoints, head addresses; state "ready" once, never cleared."""
@@ -389,6 +436,40 @@ class FakeKubeRayOperator:
                 "reportingComponent": component, "firstTimestamp": now, "lastTimestamp": now, "count": 1})
         except ApiError:  # the namespace is going away
             pass
+
+
+def _ray_terminated(pod: Obj) -> Obj | None:
+    """getRayContainerStateTerminated: the first container's terminated state, found by name (None if not)."""
+    containers = pod.get("spec", {}).get("containers") or [{}]
+    status = next((c for c in (pod.get("status") or {}).get("containerStatuses") or []
+                   if c.get("name") == containers[0].get("name")), {})
+    return (status.get("state") or {}).get("terminated")
+
+
+def _should_delete(pod: Obj) -> bool:
+    """shouldDeletePod of KubeRay 1.2.2 (see the module's docstring)."""
+    phase = (pod.get("status") or {}).get("phase")
+    if phase in ("Failed", "Succeeded"):
+        return True
+    return phase == "Running" and _ray_terminated(pod) is not None and pod["spec"].get("restartPolicy") == "Never"
+
+
+def _go_time(text: str | None) -> str:
+    """A metav1.Time as Go's %v prints it."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else datetime(1, 1, 1, tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
+def _deleted_words(pod: Obj) -> str:
+    """The rest of KubeRay 1.2.2's Deleted Event: name, phase, restartPolicy, the Ray container's terminated state
+    as Go's %v prints a *corev1.ContainerStateTerminated."""
+    t = _ray_terminated(pod)
+    state = "nil" if t is None else (
+        f"&ContainerStateTerminated{{ExitCode:{t.get('exitCode', 0)},Signal:{t.get('signal', 0)},"
+        f"Reason:{t.get('reason', '')},Message:{t.get('message', '')},StartedAt:{_go_time(t.get('startedAt'))},"
+        f"FinishedAt:{_go_time(t.get('finishedAt'))},ContainerID:{t.get('containerID', '')},}}")
+    return (f"{pod['metadata']['name']}; Pod status: {(pod.get('status') or {}).get('phase', '')}; Pod restart policy: "
+            f"{pod['spec'].get('restartPolicy', '')}; Ray container terminated status: {state}")
 
 
 def _key(pod: Obj) -> tuple[str, str]:

@@ -362,8 +362,9 @@ def test_run_works_with_auto_and_tears_the_cluster_down(site_box: SiteBox, clust
     case="fault: SLURM kills the Ray head at its walltime while `run` follows a job",
     sees="`run` ends within seconds of the kill: `cluster 'wall' went away while job sleeper … was running: … its "
          "SLURM job reached the walltime and was killed (SlurmJobTimeout …); raise interlink.slurm.time …`; "
-         "`status` shows the same",
-    remains="the cluster with --keep (its pods Failed), until `hpcray down`")
+         "`status` shows the same on the head pod KubeRay deleted (`… Deleted  Failed: its SLURM job reached the "
+         "walltime … (SlurmJobTimeout …); KubeRay deleted it and made a new pod`) beside the new head",
+    remains="the cluster with --keep, whose new head pod KubeRay made queues for a new SLURM job, until `hpcray down`")
 def test_a_walltime_kill_shows_slurm_job_timeout(site_box: SiteBox,  # noqa: F811
                                                  walltime_run: tuple[subprocess.Popen[str], Path]) -> None:
     proc, profile = walltime_run
@@ -372,4 +373,10 @@ def test_a_walltime_kill_shows_slurm_job_timeout(site_box: SiteBox,  # noqa: F81
     line = err.strip().splitlines()[-1]
     assert "went away while job sleeper" in line and "SlurmJobTimeout" in line, err
     status = hpcray("status", "-p", str(profile))
-    assert status.returncode == 0 and "SlurmJobTimeout" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0, status.stderr
+    gone = [line for line in status.stdout.splitlines() if " Deleted " in line]  # the Failed pod is gone: KubeRay's
+    assert len(gone) == 1 and "SlurmJobTimeout" in gone[0], status.stdout  # Event on the RayCluster says why
+    assert "KubeRay deleted it and made a new pod" in gone[0], status.stdout
+    print(f"{line}\n{status.stdout}")
+    head = gone[0].split()[0]
+    assert any(" head " in line and head not in line for line in status.stdout.splitlines()), status.stdout

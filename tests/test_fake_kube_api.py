@@ -25,6 +25,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.fake_kube_api import FakeKubeAPI, serve
+from tests.fake_kube_objects import PODS
 from tests.fixtures_tools import helm_path
 
 RAYCLUSTER = "raycluster-kuberay"  # release `raycluster` + the chart's nameOverride `kuberay`
@@ -286,13 +287,64 @@ def test_pending_image_pull_and_crash_show_in_pods_and_events(kube: FakeKubeAPI)
     assert status.state.waiting.reason == "CrashLoopBackOff" and status.last_state.terminated.exit_code == 137
 
     operator.set_pod_phase(worker, "Failed", reason="Evicted", message="The node was low on memory.")
-    assert v1.read_namespaced_pod(worker, "default").status.reason == "Evicted"
+    # KubeRay deletes a pod that ended (its restartPolicy Always notwithstanding) and makes a new one in its place
+    wait_for("evicted worker replaced", lambda: kube.get("pods", worker) is None and kube.list(
+        "pods", labels="ray.io/group=gpu"))
+    deleted = [e.message for e in v1.list_namespaced_event("default", field_selector="involvedObject.kind=RayCluster")
+               .items if e.reason == "Deleted"]
+    assert deleted == [f"Deleted worker Pod {worker}; Pod status: Failed; Pod restart policy: Always; Ray container "
+                       "terminated status: nil"]
     operator.make_ready(cluster="rc")
     assert all(map(is_ready, kube.list("pods")))
     wait_for("state ready", lambda: kube.get("rayclusters", "rc").get("status", {}).get("state") == "ready")
     operator.crash(cluster="rc")
     wait_for("status seen the crash", lambda: kube.get("rayclusters", "rc")["status"]["readyWorkerReplicas"] == 0)
     assert kube.get("rayclusters", "rc")["status"]["state"] == "ready"  # KubeRay 1.2.2 never clears it
+
+
+def test_kuberay_replaces_a_pod_that_ended_and_says_so_in_an_event(kube: FakeKubeAPI) -> None:
+    """KubeRay 1.2.2's shouldDeletePod: a Failed or Succeeded pod goes whatever its restartPolicy; a Running one
+    whose Ray container ended goes only with restartPolicy Never. A new pod, with a new name, takes its place."""
+    operator = kube.operator
+    assert operator
+    operator.mode = "manual"
+    never = ray_cluster("never", workers=1)
+    never["spec"]["workerGroupSpecs"][0]["template"]["spec"]["restartPolicy"] = "Never"
+    kube.create(ray_cluster(workers=1))
+    kube.create(never)
+    pods = wait_for("pods", lambda: len(p := kube.list("pods")) == 4 and p)
+    operator.make_ready(namespace="default")
+    name = {(p["metadata"]["labels"]["ray.io/cluster"], p["metadata"]["labels"]["ray.io/node-type"]):
+            p["metadata"]["name"] for p in pods}
+
+    def end(pod: str, phase: str, container: str) -> None:
+        live = kube.get("pods", pod)
+        assert live
+        status = {**live["status"], "phase": phase, "containerStatuses": [{
+            "name": container, "ready": False, "restartCount": 0, "image": "", "imageID": "", "state": {"terminated": {
+                "exitCode": 0, "reason": "SlurmJobTimeout", "message": "SLURM job reached its time limit",
+                "startedAt": "2026-12-01T10:00:00Z", "finishedAt": "2026-12-01T10:01:30Z"}}}]}
+        kube.call(lambda: kube.store.replace(PODS, "default", pod, {**live, "status": status}, subresource="status"))
+
+    end(name[("rc", "head")], "Failed", "ray-head")
+    end(name[("rc", "worker")], "Running", "ray-worker")  # restartPolicy Always: the kubelet restarts it
+    end(name[("never", "worker")], "Running", "ray-worker")
+    heads = wait_for("a new head", lambda: [p["metadata"]["name"] for p in kube.list("pods", labels="ray.io/cluster=rc,"
+                                                                                           "ray.io/node-type=head")
+                                            if p["metadata"]["name"] != name[("rc", "head")]])
+    assert len(heads) == 1 and kube.get("pods", name[("rc", "head")]) is None
+    wait_for("a new worker of never", lambda: kube.get("pods", name[("never", "worker")]) is None and len(
+        kube.list("pods", labels="ray.io/cluster=never,ray.io/node-type=worker")) == 1)
+    assert kube.get("pods", name[("rc", "worker")]) is not None
+    rc = kube.get("rayclusters", "rc")
+    assert rc
+    events = [(e["reason"], e["message"]) for e in kube.list("events", fields=f"involvedObject.uid={rc['metadata']['uid']}")]
+    assert ("Deleted", f"Deleted head Pod {name[('rc', 'head')]}; Pod status: Failed; Pod restart policy: Always; Ray "
+            "container terminated status: &ContainerStateTerminated{ExitCode:0,Signal:0,Reason:SlurmJobTimeout,Message:"
+            "SLURM job reached its time limit,StartedAt:2026-12-01 10:00:00 +0000 UTC,FinishedAt:2026-12-01 10:01:30 "
+            "+0000 UTC,ContainerID:,}") in events
+    assert ("Created", f"Created head pod {heads[0]}") in events and ("Created", "Created worker pod ") in events
+    assert not operator.errors
 
 
 def test_watch_resumes_after_dropped_connection_and_410_gone(kube: FakeKubeAPI) -> None:

@@ -31,6 +31,7 @@ from hpcray.errors import KubeError
 from hpcray.portforward import Relay
 from hpcray.profile import load_profile
 from tests.fake_kube_api import MINIMAL_RAYCLUSTER_CRD, FakeKubeAPI
+from tests.fake_kube_objects import PODS
 from tests.fake_kuberay_operator import NODE
 from tests.fixtures_tools import helm_path
 from tests.hpcray_cli import run, start
@@ -295,6 +296,30 @@ def test_pending_head_and_image_pull_failure_are_named_then_timeout_exit_4(helm4
     assert "removed (--down-on-failure)" in error
     assert "Pending  Unschedulable: 0/3 nodes" in done.stderr  # the progress line said it as it happened
     assert helm_releases(api, "lc") == {} and api.get("secrets", "lc-hpcray-mlflow") is None
+
+
+def test_status_names_a_pod_kuberay_replaced_and_why_it_ended(helm4: str, api: FakeKubeAPI, tmp_path: Path) -> None:
+    """KubeRay deletes a pod that ended (here an evicted worker whose container was OOMKilled) and makes a new one:
+    the pod is gone from the API, and `status` still says what became of it, from KubeRay's Event."""
+    profile = write_profile(tmp_path, api, workers=1)
+    assert hpcray("up", "-p", str(profile)).returncode == 0
+    worker = next(p for p in pods(api) if p["metadata"]["labels"]["ray.io/node-type"] == "worker")
+    name = worker["metadata"]["name"]
+    ended = {**worker["status"], "phase": "Failed", "reason": "Evicted", "containerStatuses": [
+        {**worker["status"]["containerStatuses"][0], "ready": False,
+         "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-12-01T10:00:00Z"}}}]}
+    api.call(lambda: api.store.replace(PODS, "default", name, {**worker, "status": ended}, subresource="status"))
+    deadline = time.monotonic() + 10
+    while (api.get("pods", name) or len(pods(api)) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.get("pods", name) is None
+    status = hpcray("status", "-p", str(profile))
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert [line.split()[:3] for line in lines if " Deleted " in line] == [[name, "worker", "Deleted"]], status.stdout
+    assert "Failed: OOMKilled, exit code 137; KubeRay deleted it and made a new pod" in status.stdout
+    assert sum(" worker " in line for line in lines) == 2  # the new worker, another name, and the one it replaced
+    assert hpcray("down", "-p", str(profile)).returncode == 0
 
 
 def _node_not_ready(api: FakeKubeAPI, name: str, reason: str, message: str) -> None:

@@ -114,6 +114,32 @@ def test_a_pods_start_and_limit_come_from_what_the_plugin_reports_and_what_sbatc
     assert ClusterStatus("l", "local", True, True, nodes=[NodeStatus("n", "head", "Ready")]).time_left_s() is None
 
 
+def test_a_head_kuberay_replaced_counts_as_the_cluster_gone_at_the_walltime() -> None:
+    """KubeRay deletes a head pod that SLURM's walltime ended and makes a new one (another name): for `run`, the
+    cluster the job ran on is gone, by the walltime once the head's allocation is over, else in KubeRay's words."""
+    from hpcray.flows import _ended_under
+
+    class Backend:
+        def __init__(self, now: ClusterStatus) -> None:
+            self.now = now
+
+        def status(self) -> ClusterStatus:
+            return self.now
+
+    def head(name: str, phase: str, started: float | None) -> NodeStatus:
+        return NodeStatus(name, "head", phase, started_at=started, time_limit_s=60.0)
+
+    t = time.time()
+    old = ClusterStatus("c", "kuberay", True, True, nodes=[head("h-old", "Ready", t - 90)])
+    gone = NodeStatus("h-old", "head", "Deleted", "Failed: its SLURM job reached the walltime and was killed "
+                      "(SlurmJobTimeout, its Ray container); …; KubeRay deleted it and made a new pod")
+    now = ClusterStatus("c", "kuberay", True, False, nodes=[head("h-new", "Pending", None)], replaced=[gone])
+    assert _ended_under(Backend(now), old) == "SLURM's walltime (SlurmJobTimeout: --time 1m)"  # type: ignore[arg-type]
+    early = ClusterStatus("c", "kuberay", True, True, nodes=[head("h-old", "Ready", t - 10)])
+    assert _ended_under(Backend(now), early) == f"the head pod h-old going away ({gone.reason})"  # type: ignore[arg-type]
+    assert _ended_under(Backend(early), early) is None  # type: ignore[arg-type]
+
+
 def test_each_attempt_of_a_resumable_job_gets_the_same_name_and_from_the_second_on_the_parent_run() -> None:
     from hpcray.flows import JobResult, _attempt
     from hpcray.profile import JobSpec

@@ -93,6 +93,8 @@ class ClusterStatus:
     head: HeadProcess | None = None  # local
     usage: Usage | None = None  # queue wait, run time and GPU-hours so far (hpcray.flows.status)
     ends_at: float | None = None  # epoch seconds: the first pod's SLURM allocation ends (hpcray.walltime)
+    replaced: list[NodeStatus] = field(default_factory=list)  # kuberay: pods that ended, which KubeRay deleted and
+    # made new ones for (phase "Deleted", reason: why they ended, ended_at: when), from its Events on the RayCluster
 
     def time_left_s(self, now: float | None = None) -> float | None:
         """Seconds until the allocation ends (negative once it has); None when no end is known."""

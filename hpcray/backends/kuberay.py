@@ -269,6 +269,13 @@ class KubeRayBackend:
             if not s.ready:
                 alike.setdefault((s.role, s.phase, self._why(k, s, watch.pods[s.name])), []).append(s.name)
         parts += [f"{role} {', '.join(names)} {phase}: {why}" for (role, phase, why), names in alike.items()]
+        try:  # pods that ended before the watch saw them end are gone: KubeRay deleted them (and made new ones)
+            rc = kube.get_raycluster(k, self.p.raycluster_name)
+            parts += [f"{n.role} {n.name} {n.reason}" for n in
+                      (self._replaced(d) for d in (kube.pods_kuberay_deleted(k, rc) if rc else []))
+                      if n.name not in watch.pods]
+        except KubeError:
+            pass  # best effort, as above
         missing = {"head": 1 - sum(s.role == "head" for s in live),
                    "worker": expected_workers - sum(s.role == "worker" for s in live)}
         if any(n > 0 for n in missing.values()):
@@ -320,10 +327,18 @@ class KubeRayBackend:
         states = [(pod, dataclasses.replace(s, reason=problem) if (problem := self._interlink_problem(pod)) else s)
                   for pod, s in ((pod, kube.pod_state(pod)) for pod in pods)]
         rc = kube.get_raycluster(k, self.p.raycluster_name)
-        return self._status(release, states, expected_workers(rc) if rc else 0, expiry(rc or {}))
+        replaced = [self._replaced(d) for d in kube.pods_kuberay_deleted(k, rc)] if rc else []
+        return self._status(release, states, expected_workers(rc) if rc else 0, expiry(rc or {}), replaced)
+
+    def _replaced(self, d: kube.DeletedPod) -> NodeStatus:
+        """A pod KubeRay deleted once it had ended (a Failed pod is not kept: a new one takes its place)."""
+        code = f", exit code {d.exit_code}" if d.exit_code else ""
+        why = interlink.deleted_problem(d) if self.p.interlink.enabled else f"{d.reason or d.phase}{code}"
+        return NodeStatus(d.name, d.role, "Deleted", f"{d.phase}: {why}; KubeRay deleted it and made a new pod",
+                          ended_at=d.at)
 
     def _status(self, release: helm.ReleaseInfo | None, pods: list[tuple[kube.Obj, kube.PodState]], expected: int,
-                expires_at: float | None) -> ClusterStatus:
+                expires_at: float | None, replaced: list[NodeStatus] | None = None) -> ClusterStatus:
         deployed = release is not None and release.status == "deployed"
         states = [s for _, s in pods]
         nodes = [node_status(s) for _, s in pods]
@@ -332,7 +347,7 @@ class KubeRayBackend:
             ready=deployed and states_ready(states, expected), node_kind="pod",
             nodes=nodes, expires_at=expires_at, address=self._forwarded(),
             tracking_uri=self.tracking_uri(), namespace=self.namespace, release=release_status(release),
-            expected_workers=expected, service=self.service, ends_at=cluster_ends_at(nodes))
+            expected_workers=expected, service=self.service, ends_at=cluster_ends_at(nodes), replaced=replaced or [])
 
     @contextlib.contextmanager
     def access(self, progress: Progress, mode: str = "auto") -> Iterator[Endpoint]:
