@@ -142,11 +142,35 @@ def test_render_vega_then_a_site_profile_made_by_init(installed: Installed, char
 
 @pytest.mark.slow
 def test_local_training_and_hpo_run_from_the_installed_package(installed: Installed) -> None:
+    """`make demo`'s run from the wheel, checked in MLflow's store: the training loss falls and its model is logged;
+    the HPO sweep makes one MLflow run per trial under one parent that holds the best config, which is also
+    printed."""
     assert not {"ray", "mlflow"} & {p.name for p in installed.python.parent.iterdir()}  # as with pip install --user
     done = installed.run("run", "-p", "local", "training", "hpo", "--json", timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [j["status"] for j in report["jobs"]] == ["SUCCEEDED", "SUCCEEDED"] and report["torn_down"], done.stderr
+    training, hpo = report["jobs"]
+    assert len(training["mlflow_run_ids"]) == 1 and len(hpo["mlflow_run_ids"]) == 1
+    assert "Traceback" not in done.stderr, done.stderr  # a clean demo: no spurious tracebacks from Ray workers
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=report["tracking_uri"])
+    train_run = client.get_run(training["mlflow_run_ids"][0])
+    losses = [m.value for m in client.get_metric_history(train_run.info.run_id, "val_loss")]
+    assert len(losses) == int(train_run.data.params["epochs"]) + 1 and losses[-1] < losses[0] / 2  # step 0: untrained
+    assert "model" in [a.path for a in client.list_artifacts(train_run.info.run_id)]
+
+    parent = client.get_run(hpo["mlflow_run_ids"][0])
+    trials = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(trials) == int(parent.data.params["trials"]) >= 8
+    assert all("val_loss" in t.data.metrics for t in trials)
+    best = min(t.data.metrics["val_loss"] for t in trials)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best)
+    assert {"best_lr", "best_hidden", "best_batch"} <= set(parent.data.params)
+    assert len(hpo["highlights"]) == 1 and hpo["highlights"][0].startswith(f"best trial: val_loss {best:.4f} with ")
 
 
 @pytest.mark.slow
