@@ -205,6 +205,11 @@ def test_gpu_hours_on_interlink_match_slurms_gres_allocations(site_box: SiteBox,
     shared = tmp_path / "shared"  # a shared filesystem, bound into the containers as Vega's /ceph is
     shared.mkdir()
     store = f"sqlite:///{shared / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    # the experiment made first, with its artifacts beside the store: else the job (no working dir, so in the
+    # container's home) would make it with ./mlruns there, outside the test's directory
+    MlflowClient(store).create_experiment("gpuacct", artifact_location=(shared / "artifacts").as_uri())
     profile = box_profile(site_box, tmp_path, "gpuacct", head={"cpu": "1", "memory": "2G", "gpus": 1},
                           workers={"gpu": {"replicas": 1, "cpu": "1", "memory": "2G", "gpus": 1}},
                           mlflow={"tracking_uri": store, "experiment": "gpuacct", "credentials": "none"},
